@@ -1,0 +1,15 @@
+"""Hydra discovery entry: registers ``hydra/callbacks=torchrun`` and ``+callbacks=torchrun``.
+
+Hydra imports every ``hydra_plugins`` module at each app start, so this stays
+thin: it only stores the options dataclass (no torch import).
+"""
+
+from hydra.core.config_store import ConfigStore
+
+from hydra_torchrun_callback._config import TorchrunConf
+
+_cs = ConfigStore.instance()
+# Hydra's own optional group: works even when the app has a `callbacks` group of its own.
+_cs.store(group="hydra/callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun")
+# The short form from the docs of most Hydra callbacks.
+_cs.store(group="callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun")

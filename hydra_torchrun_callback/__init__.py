@@ -1,0 +1,22 @@
+"""Run any Hydra app's task under torchrun (torch.distributed.elastic) from a callback.
+
+Enable it with ``hydra/callbacks=torchrun`` (or ``+callbacks=torchrun``) on the
+command line of any Hydra app; options live at ``hydra.callbacks.torchrun.*``.
+"""
+
+from hydra_torchrun_callback._callback import TorchrunAbort, TorchrunCallback
+from hydra_torchrun_callback._config import TorchrunConf
+from hydra_torchrun_callback._options import TorchrunOptionError
+from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TorchrunAbort",
+    "TorchrunCallback",
+    "TorchrunConf",
+    "TorchrunJobError",
+    "TorchrunOptionError",
+    "TorchrunSetupError",
+    "__version__",
+]

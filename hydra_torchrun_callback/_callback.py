@@ -1,0 +1,172 @@
+"""The Hydra callback: config -> placement -> launch -> worker -> result.
+
+``on_job_start`` runs the whole distributed job (the Hydra process hosts the
+torch elastic agent), then diverts Hydra's own call of the task so that it
+returns global rank 0's value or raises the job's root cause. The task body
+never runs in the Hydra process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_torchrun_callback._divert import DivertError, Diversion, Outcome, can_divert, divert
+from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
+from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+
+__all__ = ["TorchrunCallback", "TorchrunAbort"]
+
+log = logging.getLogger("hydra_torchrun_callback")
+
+TARGET = "hydra_torchrun_callback.TorchrunCallback"
+
+
+class TorchrunAbort(BaseException):
+    """Raised out of ``on_job_start`` when the job cannot be made to fail cleanly.
+
+    Hydra turns an ``Exception`` in a hook into a warning and then runs the task
+    in the Hydra process; a ``BaseException`` stops the app instead, which is the
+    only safe outcome when the task's call cannot be diverted.
+    """
+
+
+def inside_torchrun_worker(env: Mapping[str, str]) -> bool:
+    """True in a process that torchrun (or our agent) started as a worker."""
+    return "TORCHELASTIC_RUN_ID" in env and "LOCAL_RANK" in env and "RANK" in env
+
+
+def job_options(config: DictConfig, fallback: Mapping[str, Any]) -> dict[str, Any]:
+    """This job's options, read from its own config so per-job interpolations
+    (e.g. ``nproc_per_node: ${nproc}`` in a sweep) resolve for this job."""
+    callbacks = OmegaConf.select(config, "hydra.callbacks")
+    if isinstance(callbacks, DictConfig):
+        for node in callbacks.values():
+            if isinstance(node, DictConfig) and node.get("_target_") == TARGET:
+                raw = OmegaConf.to_container(node, resolve=True)
+                assert isinstance(raw, dict)
+                return {str(k): v for k, v in raw.items() if k != "_target_"}
+    return dict(fallback)
+
+
+def pin_now_interpolations(config: DictConfig) -> None:
+    """Resolve every ``${now:...}`` once here: the resolver cache travels with
+    the pickled config, so workers see the Hydra process's timestamps."""
+
+    def walk(node: Any, path: str) -> None:
+        for key in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):
+            child = node._get_node(key)
+            sub = f"{path}.{key}" if path else str(key)
+            if child is None:
+                continue
+            if OmegaConf.is_config(child):
+                walk(child, sub)
+            else:
+                raw = child._value()
+                if isinstance(raw, str) and "${now:" in raw:
+                    try:
+                        OmegaConf.select(config, sub, throw_on_missing=False)
+                    except Exception:  # an unrelated broken interpolation: the task will see it
+                        pass
+
+    walk(config, "")
+
+
+class TorchrunCallback(Callback):
+    """Run each Hydra job's task under a torch elastic agent (torchrun)."""
+
+    def __init__(self, **options: Any) -> None:
+        # Fail at app start on options that can never work (unknown name, bad value).
+        parse_options(options)
+        self._options = options
+        self._diversion: Optional[Diversion] = None
+
+    def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
+        self._restore()
+        if inside_torchrun_worker(os.environ):
+            log.info("already inside a torchrun worker: running the task directly")
+            return
+        try:
+            can_divert(task_function)
+        except DivertError as exc:
+            raise TorchrunAbort(
+                f"hydra/callbacks=torchrun cannot run this task: {exc}. Stopping before the "
+                "task could run in the Hydra process."
+            ) from exc
+        outcome = Outcome()
+        try:
+            outcome.value = self._run_job(config, task_function)
+        except (TorchrunJobError, TorchrunOptionError, TorchrunSetupError) as exc:
+            outcome.error = exc
+        except Exception as exc:
+            outcome.error = TorchrunSetupError(
+                f"launching the torchrun workers failed: {type(exc).__name__}: {exc}"
+            )
+            outcome.error.__cause__ = exc
+        if outcome.error is not None:
+            log.error("%s", outcome.error)
+        self._diversion = divert(task_function, outcome)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._diversion is not None:
+            self._diversion.restore()
+            self._diversion = None
+
+    def _run_job(self, config: DictConfig, task_function: Any) -> Any:
+        import cloudpickle
+        import torch
+
+        from hydra_torchrun_callback._launch import launch
+        from hydra_torchrun_callback._options import resolve_nproc_per_node
+        from hydra_torchrun_callback._placement import check_port_free, resolve_placement
+        from hydra_torchrun_callback._worker import WorkerPayload
+
+        started = time.time()
+        opts = parse_options(job_options(config, self._options))
+        nproc = resolve_nproc_per_node(
+            opts.nproc_per_node, torch.cuda.device_count(), os.cpu_count() or 1
+        )
+        placement = resolve_placement(opts, os.environ, nproc)
+        if placement.source == "local" and not placement.port_picked:
+            check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
+        output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise TorchrunSetupError(
+                f"the job's output dir {output_dir} is not writable, so the workers could not "
+                "write their logs there. Fix: make it writable or point hydra.run.dir / "
+                "hydra.sweep.dir at a writable place."
+            )
+        pin_now_interpolations(config)
+        try:
+            payload = cloudpickle.dumps(
+                WorkerPayload(task=task_function, config=config, cwd=os.getcwd(), started=started)
+            )
+        except Exception as exc:
+            raise TorchrunSetupError(
+                f"the task function {getattr(task_function, '__qualname__', task_function)!r} "
+                f"or its config cannot be pickled for the workers ({type(exc).__name__}: {exc}). "
+                "Fix: keep locks, open files, sockets and other process-bound objects out of "
+                "the task's closure and config; create them inside the task."
+            ) from exc
+        log.info("%s", placement.describe())
+        result = launch(opts, placement, payload)
+        data = result.rank0_payload
+        if data is None:
+            return None
+        try:
+            return cloudpickle.loads(data)
+        except Exception as exc:
+            raise TorchrunSetupError(
+                f"rank 0's return value could not be unpickled in the Hydra process "
+                f"({type(exc).__name__}: {exc}). Fix: return plain data types."
+            ) from exc
+

@@ -1,0 +1,157 @@
+"""Run one torch elastic agent in this (the Hydra) process and wait for it.
+
+Builds torch's ``LaunchConfig`` directly (the programmatic layer, not torchrun's
+CLI parser) and calls ``launch_agent`` with :func:`_worker.run_worker` as the
+entrypoint. Whatever the agent changes in this process (environment variables,
+signal handlers) is put back afterwards, so jobs of a multirun do not leak into
+each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import Any, Optional
+
+from hydra_torchrun_callback._options import Options, StdSpec
+from hydra_torchrun_callback._placement import Placement, free_port
+from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
+
+__all__ = ["launch", "AgentResult"]
+
+log = logging.getLogger("hydra_torchrun_callback")
+
+_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
+
+
+class AgentResult:
+    """What the local agent got back: per global rank, the worker's return value."""
+
+    def __init__(self, values: dict[int, Any], placement: Placement) -> None:
+        self.values = values
+        self.placement = placement
+
+    @property
+    def rank0_payload(self) -> Optional[bytes]:
+        """Global rank 0's pickled return value, if rank 0 ran on this node."""
+        value = self.values.get(0)
+        return value if isinstance(value, bytes) else None
+
+
+@contextlib.contextmanager
+def isolated_process_state() -> Iterator[None]:
+    """Put environment variables and signal handlers back as they were."""
+    env = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        for sig, handler in handlers.items():
+            with contextlib.suppress(ValueError, TypeError):  # not in the main thread
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _std(spec: StdSpec) -> Any:
+    from torch.distributed.elastic.multiprocessing import Std
+
+    if isinstance(spec, int):
+        return Std(spec)
+    return {rank: Std(code) for rank, code in spec.items()}
+
+
+def _port_race(exc: BaseException) -> bool:
+    text = f"{exc!r} {exc.__cause__!r}"
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    logs_specs = DefaultLogsSpecs(
+        log_dir=log_dir,
+        redirects=_std(opts.redirects),
+        tee=_std(opts.tee),
+        local_ranks_filter=set(opts.local_ranks_filter) if opts.local_ranks_filter else None,
+    )
+    return LaunchConfig(
+        min_nodes=placement.min_nodes,
+        max_nodes=placement.max_nodes,
+        nproc_per_node=placement.nproc_per_node,
+        logs_specs=logs_specs,
+        run_id=placement.run_id,
+        role=opts.role,
+        rdzv_endpoint=placement.rdzv_endpoint,
+        rdzv_backend=placement.rdzv_backend,
+        rdzv_configs=dict(placement.rdzv_configs),
+        max_restarts=opts.max_restarts,
+        monitor_interval=opts.monitor_interval,
+        start_method=opts.start_method,
+        local_addr=placement.local_addr,
+    )
+
+
+def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
+    """Start this node's agent and workers; return when the worker group is done.
+
+    Raises :class:`TorchrunJobError` with the root cause when a worker failed
+    (after ``max_restarts``), ``KeyboardInterrupt``/``SystemExit`` when this
+    process was interrupted or terminated.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import launch_agent
+
+    from hydra_torchrun_callback._worker import run_worker
+
+    own_log_dir = opts.log_dir is None
+    log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)
+    attempts = 3 if placement.port_picked else 1
+    try:
+        for attempt in range(attempts):
+            with isolated_process_state():
+                if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
+                    os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does
+                config = _launch_config(opts, placement, log_dir)
+                try:
+                    values = launch_agent(config, run_worker, [payload])
+                except ChildFailedError as err:
+                    raise root_cause_error(err, socket.gethostname()) from None
+                except SignalException as err:
+                    if err.sigval == signal.SIGINT:
+                        raise KeyboardInterrupt(
+                            "torchrun job interrupted (SIGINT); workers were stopped"
+                        ) from None
+                    raise SystemExit(128 + int(err.sigval)) from err
+                except TorchrunJobError:
+                    raise
+                except Exception as exc:
+                    if attempt + 1 < attempts and _port_race(exc):
+                        port = free_port()
+                        log.warning("rendezvous port was taken meanwhile; retrying on %d", port)
+                        placement = _with_port(placement, port)
+                        continue
+                    raise
+            return AgentResult(dict(values), placement)
+        raise AssertionError("unreachable")
+    finally:
+        if own_log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _with_port(placement: Placement, port: int) -> Placement:
+    from dataclasses import replace
+
+    host = placement.rdzv_endpoint.rsplit(":", 1)[0]
+    return replace(placement, rdzv_endpoint=f"{host}:{port}")

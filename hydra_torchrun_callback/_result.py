@@ -1,0 +1,90 @@
+"""Turn what the agent reports into the Hydra job's return value or error."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+__all__ = ["TorchrunJobError", "TorchrunSetupError", "root_cause_error"]
+
+
+class TorchrunJobError(RuntimeError):
+    """A worker failed; the message carries rank, exception and traceback.
+
+    Attributes let code (sweepers, callbacks) inspect the root cause without
+    parsing the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: Optional[int] = None,
+        local_rank: Optional[int] = None,
+        node: Optional[str] = None,
+        exc_type: Optional[str] = None,
+        exc_message: Optional[str] = None,
+        traceback: Optional[str] = None,
+        exitcode: Optional[int] = None,
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.local_rank = local_rank
+        self.node = node
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> Any:  # keep the attributes across pickling (submitit)
+        return (_rebuild_job_error, (self.args[0], self.__dict__))
+
+
+def _rebuild_job_error(message: str, attrs: dict[str, Any]) -> TorchrunJobError:
+    err = TorchrunJobError(message)
+    err.__dict__.update(attrs)
+    return err
+
+
+class TorchrunSetupError(RuntimeError):
+    """Preparing or launching the workers failed; no worker ran the task."""
+
+
+def _split_exception(message: str) -> tuple[Optional[str], str]:
+    """'ValueError: boom' -> ('ValueError', 'boom') (the format of @record's message)."""
+    head, sep, rest = message.partition(": ")
+    if sep and head and " " not in head and head[0].isalpha():
+        return head, rest
+    return None, message
+
+
+def root_cause_error(err: Any, node: str) -> TorchrunJobError:
+    """Build the job's error from torch's ``ChildFailedError`` (first failure = root cause)."""
+    rank, failure = err.get_first_failure()
+    data = failure.error_file_data or {}
+    info = data.get("message", {}) if isinstance(data.get("message"), dict) else {}
+    extra = info.get("extraInfo", {}) if isinstance(info, dict) else {}
+    traceback = extra.get("py_callstack") if isinstance(extra, dict) else None
+    message = str(info.get("message") or failure.message or "").strip()
+    exc_type, exc_message = _split_exception(message)
+    if failure.exitcode < 0:
+        what = f"was killed by {failure.signal_name()} (exit code {failure.exitcode})"
+    elif exc_type:
+        what = f"raised {exc_type}: {exc_message}"
+    else:
+        what = f"exited with code {failure.exitcode}: {message}"
+    others = sorted(r for r in err.failures if r != rank)
+    text = f"torchrun worker rank {rank} (local rank {failure.local_rank}, node {node}) {what}"
+    if others:
+        text += f"\n(ranks {others} also failed; rank {rank} failed first: the root cause)"
+    if traceback:
+        text += "\n\nWorker traceback (most recent call last):\n" + str(traceback).rstrip()
+    return TorchrunJobError(
+        text,
+        rank=rank,
+        local_rank=failure.local_rank,
+        node=node,
+        exc_type=exc_type,
+        exc_message=exc_message,
+        traceback=traceback,
+        exitcode=failure.exitcode,
+    )

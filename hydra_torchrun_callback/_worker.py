@@ -1,0 +1,118 @@
+"""Re-enter the Hydra job inside each torchrun worker and run the task once.
+
+The agent starts :func:`run_worker` in every worker process (it must be an
+importable module-level function: ``spawn`` pickles it by reference). The task,
+the job's config and the Hydra process's state travel in one cloudpickled
+payload passed as a process argument, never through a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+__all__ = ["WorkerPayload", "run_worker", "rank_logging_config"]
+
+
+@dataclass
+class WorkerPayload:
+    """Everything a worker needs to look like the Hydra job it belongs to."""
+
+    task: Callable[[Any], Any]
+    #: The whole job config, ``hydra`` node included (HydraConfig is built from it).
+    config: Any
+    #: The job's working directory in the Hydra process (``hydra.job.chdir`` applied).
+    cwd: str
+    #: When the Hydra job started (epoch seconds): ``${now:...}`` resolves against it.
+    started: float
+    #: Rewrite the job logging config so each rank has its own file and prefix.
+    per_rank_logging: bool = True
+
+
+class ReturnValueError(TypeError):
+    """Rank 0's return value cannot travel back to the Hydra process."""
+
+
+def rank_logging_config(job_logging: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Hydra's job logging config, adapted for one rank.
+
+    Every format gets a ``[rankR]`` prefix and every file handler writes
+    ``<stem>_rank<R><suffix>`` beside the job's own log, so ranks never
+    interleave lines in one file and each line says who wrote it.
+    """
+    conf = copy.deepcopy(job_logging)
+    for formatter in (conf.get("formatters") or {}).values():
+        if not isinstance(formatter, dict):
+            continue
+        for key in ("format", "fmt"):
+            if isinstance(formatter.get(key), str):
+                formatter[key] = f"[rank{rank}]" + formatter[key]
+    for handler in (conf.get("handlers") or {}).values():
+        if isinstance(handler, dict) and isinstance(handler.get("filename"), str):
+            path = Path(handler["filename"])
+            handler["filename"] = str(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"))
+    return conf
+
+
+def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
+    """Restore the Hydra job's state in this process; return the task's config."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobRuntime, configure_log, setup_globals
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    config = payload.config
+    setup_globals()
+    # ${now:...} not yet resolved in the Hydra process must still agree with it
+    # (and between ranks): pin the resolver to the job's start time. Patterns
+    # the Hydra process already resolved come from the pickled resolver cache.
+    started = datetime.fromtimestamp(payload.started)
+    OmegaConf.register_new_resolver(
+        "now", lambda pattern: started.strftime(pattern), use_cache=True, replace=True
+    )
+    HydraConfig.instance().set_config(config)
+    JobRuntime.instance().set("name", config.hydra.job.name)
+    os.chdir(payload.cwd)
+    for key, value in (config.hydra.job.env_set or {}).items():
+        os.environ[str(key)] = str(value)
+
+    job_logging = OmegaConf.to_container(config.hydra.job_logging, resolve=True)
+    if isinstance(job_logging, dict) and job_logging:
+        conf: dict[str, Any] = {str(k): v for k, v in job_logging.items()}
+        if payload.per_rank_logging:
+            conf = rank_logging_config(conf, rank)
+        configure_log(OmegaConf.create(conf), config.hydra.verbose)
+
+    task_cfg = copy.deepcopy(config)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    return task_cfg
+
+
+def run_worker(payload_bytes: bytes) -> Optional[bytes]:
+    """Worker entrypoint: run the task once; rank 0 returns its pickled value."""
+    import cloudpickle
+
+    payload: WorkerPayload = cloudpickle.loads(payload_bytes)
+    rank = int(os.environ["RANK"])
+    task_cfg = _enter_hydra_job(payload, rank)
+    try:
+        value = payload.task(task_cfg)
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+    if rank != 0:
+        return None  # only global rank 0's value becomes the job's return value
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception as exc:
+        raise ReturnValueError(
+            f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "
+            f"so it cannot become the Hydra job's return value ({type(exc).__name__}: {exc}). "
+            "Return plain data (numbers, strings, dicts, tensors) or save the object to "
+            "the job's output dir and return its path."
+        ) from exc
