@@ -52,7 +52,9 @@ def _deliver(token: int) -> Any:
         outcome, restore = _armed.pop(token)
     restore()
     if outcome.error is not None:
-        raise outcome.error
+        # The error's own traceback is the callback's plumbing; the worker's
+        # traceback is in its message. Keep what Hydra prints short.
+        raise outcome.error.with_traceback(None)
     return outcome.value
 
 

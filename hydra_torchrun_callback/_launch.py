@@ -46,14 +46,23 @@ class AgentResult:
         return value if isinstance(value, bytes) else None
 
 
+#: torch logs each worker failure with its whole traceback; the job's error
+#: already carries the root cause, so this logger is quieted during a launch.
+_NOISY_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
 @contextlib.contextmanager
 def isolated_process_state() -> Iterator[None]:
-    """Put environment variables and signal handlers back as they were."""
+    """Put environment variables, signal handlers and log levels back as they were."""
     env = dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    noisy = logging.getLogger(_NOISY_LOGGER)
+    level = noisy.level
+    noisy.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        noisy.setLevel(level)
         for key in set(os.environ) - set(env):
             del os.environ[key]
         os.environ.update(env)
@@ -121,6 +130,10 @@ def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
     try:
         for attempt in range(attempts):
             with isolated_process_state():
+                # A fresh worker store per attempt. With the agent's shared store (torch's
+                # default) a restarted group finds the failed attempt's keys, and gloo's
+                # connectFullMesh can dial a dead rank's stale address and hang.
+                os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
                 if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
                     os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does
                 config = _launch_config(opts, placement, log_dir)

@@ -7,6 +7,7 @@ option, the bad value, what is accepted and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ StdSpec = Union[int, dict[int, int]]
 class TorchrunOptionError(ValueError):
     """A ``hydra.callbacks.torchrun`` option has a value that cannot work."""
 
-    def __init__(self, option: str, value: Any, accepted: str, example: str) -> None:
+    def __init__(
+        self, option: str, value: Any, accepted: str, example: str, fix: Optional[str] = None
+    ) -> None:
         self.option = option
         self.value = value
         super().__init__(
             f"{PREFIX}.{option}={value!r} is not valid: {accepted}. "
-            f"Fix: e.g. {PREFIX}.{option}={example}"
+            f"Fix: {fix or f'e.g. {PREFIX}.{option}={example}'}"
         )
 
 
@@ -143,11 +146,13 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
     """Check every option; raise on the first one that cannot work."""
     unknown = sorted(set(raw) - set(OPTION_NAMES) - {"_target_"})
     if unknown:
+        close = difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1)
         raise TorchrunOptionError(
             unknown[0],
             raw[unknown[0]],
-            "this option does not exist; the options are " + ", ".join(OPTION_NAMES),
-            "<one of those>",
+            "there is no such option; the options are " + ", ".join(OPTION_NAMES),
+            "",
+            fix=f"did you mean {PREFIX}.{close[0]}?" if close else "use one of those names",
         )
     get = raw.get
 

@@ -77,6 +77,7 @@ def root_cause_error(err: Any, node: str) -> TorchrunJobError:
     if others:
         text += f"\n(ranks {others} also failed; rank {rank} failed first: the root cause)"
     if traceback:
+        traceback = str(traceback).replace("Traceback (most recent call last):\n", "", 1)
         text += "\n\nWorker traceback (most recent call last):\n" + str(traceback).rstrip()
     return TorchrunJobError(
         text,

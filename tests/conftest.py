@@ -1,0 +1,81 @@
+"""Shared helpers: run the test apps as real Hydra subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APPS = REPO / "tests" / "apps"
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    """Environment for app subprocesses: the source tree first, test helpers importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APPS), env.get("PYTHONPATH", "")])
+    env["HYDRA_FULL_ERROR"] = "0"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class AppRun:
+    proc: subprocess.CompletedProcess[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    out: Path = Path()
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    def rank_files(self, job_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+        base = job_dir or self.out
+        return {p.name: json.loads(p.read_text()) for p in sorted(base.glob("rank*.json"))}
+
+
+def run_app(
+    tmp_path: Path,
+    *overrides: str,
+    script: str = "probe_app.py",
+    multirun: bool = False,
+    callback: str | None = "hydra/callbacks=torchrun",
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+) -> AppRun:
+    """Run a test app with the callback and the recorder; return what it left."""
+    rec = tmp_path / "recorder.jsonl"
+    out = tmp_path / ("multi" if multirun else "out")
+    cmd = [sys.executable, str(APPS / script)]
+    if multirun:
+        cmd.append("-m")
+    if callback:
+        cmd.append(callback)
+    cmd += [
+        "+hydra.callbacks.recorder._target_=recorder.Recorder",
+        f"+hydra.callbacks.recorder.path={rec}",
+        f"hydra.{'sweep' if multirun else 'run'}.dir={out}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env or app_env(), capture_output=True, text=True, timeout=timeout
+    )
+    records = [json.loads(line) for line in rec.read_text().splitlines()] if rec.exists() else []
+    return AppRun(proc=proc, records=records, out=out)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Any:
+    def _run(*overrides: str, **kwargs: Any) -> AppRun:
+        return run_app(tmp_path, *overrides, **kwargs)
+
+    return _run

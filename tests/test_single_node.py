@@ -1,0 +1,109 @@
+"""One machine, single-run mode: the task runs once per worker, never in the Hydra process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import AppRun
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_each_worker_runs_task_once_with_torchrun_env(app, tmp_path: Path, nproc: int) -> None:
+    run: AppRun = app(f"hydra.callbacks.torchrun.nproc_per_node={nproc}", "log_lines=2")
+    assert run.proc.returncode == 0, run.output
+    files = run.rank_files()
+    # Exactly one record per rank, all from attempt 0: the body ran once in each worker.
+    assert sorted(files) == [f"rank{r}.a0.json" for r in range(nproc)]
+    [job] = run.records
+    assert job["status"] == "COMPLETED"
+    pids = {f["pid"] for f in files.values()}
+    assert len(pids) == nproc and job["hydra_pid"] not in pids  # never in the Hydra process
+    run_ids = set()
+    for r in range(nproc):
+        rec = files[f"rank{r}.a0.json"]
+        env = rec["env"]
+        assert env["RANK"] == str(r) and env["LOCAL_RANK"] == str(r)
+        assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == str(nproc)
+        assert env["GROUP_RANK"] == "0" and env["ROLE_RANK"] == str(r)
+        assert env["MASTER_ADDR"] and env["MASTER_PORT"]
+        assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
+        assert env["TORCHELASTIC_MAX_RESTARTS"] == "0"
+        run_ids.add(env["TORCHELASTIC_RUN_ID"])
+        # init_process_group("gloo") with no other argument worked and all ranks joined.
+        assert rec["sum"] == nproc * (nproc - 1) // 2 and rec["world"] == nproc
+        assert env["OMP_NUM_THREADS"] == ("1" if nproc > 1 else None)
+    assert len(run_ids) == 1
+    # Global rank 0's return value is the job's return value (seen by on_job_end).
+    assert job["value"]["rank"] == 0 and job["value"]["pid"] == files["rank0.a0.json"]["pid"]
+    # Nothing of the workers leaked into the Hydra process.
+    assert job["leaked_env"] == dict.fromkeys(job["leaked_env"])
+    assert job["pg_initialized"] is False
+
+
+def test_hydra_state_in_workers(app, tmp_path: Path) -> None:
+    run = app(
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "hydra.job.chdir=true",
+        "+hydra.job.env_set.PROBE_ENV=hello",
+    )
+    assert run.proc.returncode == 0, run.output
+    out = run.out.resolve()
+    # .hydra/ written once per job, by the Hydra process only.
+    assert sorted(p.name for p in (out / ".hydra").iterdir()) == [
+        "config.yaml", "hydra.yaml", "overrides.yaml"
+    ]
+    saved_hydra = yaml.safe_load((out / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    saved_cfg = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
+    stamps = set()
+    for rec in run.rank_files().values():
+        assert rec["output_dir"] == str(out)
+        assert rec["cwd"] == str(out)  # hydra.job.chdir honoured
+        assert rec["original_cwd"] == str(tmp_path)
+        assert rec["env"]["PROBE_ENV"] == "hello"  # hydra.job.env_set applied
+        # HydraConfig.get() in the worker equals the job's hydra config.
+        assert rec["hydra_cfg"]["runtime"]["output_dir"] == saved_hydra["runtime"]["output_dir"]
+        assert rec["hydra_cfg"]["job"] == saved_hydra["job"]
+        assert rec["hydra_cfg"]["overrides"] == saved_hydra["overrides"]
+        stamps.add(rec["stamp"])
+    # ${now:...} resolved once: every rank agrees; only one output dir exists.
+    assert len(stamps) == 1
+    assert saved_cfg["stamp"] == "${now:%H-%M-%S-%f}"
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == [run.out]
+
+
+def test_chdir_false_keeps_launch_cwd(app, tmp_path: Path) -> None:
+    run = app("hydra.callbacks.torchrun.nproc_per_node=1", "hydra.job.chdir=false")
+    assert run.proc.returncode == 0, run.output
+    [rec] = run.rank_files().values()
+    assert rec["cwd"] == str(tmp_path)
+
+
+def test_now_interpolation_matches_hydra_process(app, tmp_path: Path) -> None:
+    """Hydra #2070: the run dir uses ${now:} and the workers must not make a second one."""
+    run = app(
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "hydra.run.dir=" + str(tmp_path / "runs" / "${now:%H-%M-%S-%f}"),
+        "stamp=${now:%H-%M-%S-%f}",
+    )
+    assert run.proc.returncode == 0, run.output
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    files = run.rank_files(run_dir)
+    assert len(files) == 2
+    # The task key uses the same pattern as the run dir: the Hydra process resolved it.
+    assert {rec["stamp"] for rec in files.values()} == {run_dir.name}
+
+
+def test_large_return_value(app) -> None:
+    run = app("hydra.callbacks.torchrun.nproc_per_node=2", "returns=bytes", "return_mb=20")
+    assert run.proc.returncode == 0, run.output
+    [job] = run.records
+    assert job["status"] == "COMPLETED" and job["value_len"] == 20 * 1024 * 1024
+
+
+def test_none_return_value(app) -> None:
+    run = app("hydra.callbacks.torchrun.nproc_per_node=2", "returns=none")
+    assert run.proc.returncode == 0, run.output
+    assert run.records[0]["status"] == "COMPLETED" and run.records[0]["value"] is None
