@@ -146,7 +146,9 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
     """Check every option; raise on the first one that cannot work."""
     unknown = sorted(set(raw) - set(OPTION_NAMES) - {"_target_"})
     if unknown:
-        close = difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1)
+        close = [n for n in OPTION_NAMES if n.startswith(unknown[0])] or (
+            difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1, cutoff=0.5)
+        )
         raise TorchrunOptionError(
             unknown[0],
             raw[unknown[0]],
