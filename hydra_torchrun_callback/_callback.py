@@ -128,7 +128,7 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._launch import launch
         from hydra_torchrun_callback._options import resolve_nproc_per_node
         from hydra_torchrun_callback._placement import check_port_free, resolve_placement
-        from hydra_torchrun_callback._worker import WorkerPayload
+        from hydra_torchrun_callback._worker import WorkerPayload, capture_resolvers
 
         started = time.time()
         opts = parse_options(job_options(config, self._options))
@@ -148,7 +148,13 @@ class TorchrunCallback(Callback):
         pin_now_interpolations(config)
         try:
             payload = cloudpickle.dumps(
-                WorkerPayload(task=task_function, config=config, cwd=os.getcwd(), started=started)
+                WorkerPayload(
+                    task=task_function,
+                    config=config,
+                    cwd=os.getcwd(),
+                    started=started,
+                    resolvers=capture_resolvers(),
+                )
             )
         except Exception as exc:
             raise TorchrunSetupError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,6 +32,30 @@ class WorkerPayload:
     started: float
     #: Rewrite the job logging config so each rank has its own file and prefix.
     per_rank_logging: bool = True
+    #: OmegaConf resolvers the Hydra process registered (name -> cloudpickled resolver):
+    #: a resolver registered in the app's ``main`` or by a library is not re-registered
+    #: by a spawned worker's imports.
+    resolvers: dict[str, bytes] = field(default_factory=dict)
+
+
+#: Resolvers every worker registers itself (``now`` is pinned to the job start).
+_OWN_RESOLVERS = ("now", "hydra")
+
+
+def capture_resolvers() -> dict[str, bytes]:
+    """The Hydra process's custom resolvers, each pickled on its own (skip what can't be)."""
+    import cloudpickle
+    from omegaconf.basecontainer import BaseContainer
+
+    captured: dict[str, bytes] = {}
+    for name, resolver in BaseContainer._resolvers.items():
+        if name in _OWN_RESOLVERS or name.startswith("oc."):
+            continue
+        try:
+            captured[name] = cloudpickle.dumps(resolver)
+        except Exception:  # an unpicklable resolver: the task fails only if it uses it
+            continue
+    return captured
 
 
 class ReturnValueError(TypeError):
@@ -65,8 +89,13 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     from hydra.core.utils import JobRuntime, configure_log, setup_globals
     from omegaconf import OmegaConf, open_dict, read_write
 
+    import cloudpickle
+    from omegaconf.basecontainer import BaseContainer
+
     config = payload.config
     setup_globals()
+    for name, resolver in payload.resolvers.items():
+        BaseContainer._resolvers[name] = cloudpickle.loads(resolver)
     # ${now:...} not yet resolved in the Hydra process must still agree with it
     # (and between ranks): pin the resolver to the job's start time. Patterns
     # the Hydra process already resolved come from the pickled resolver cache.

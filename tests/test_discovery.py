@@ -1,0 +1,86 @@
+"""Discovery from a real (non-editable) wheel install, and a loud error when it fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import APPS, REPO, app_env
+
+
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built as a wheel and installed into a folder of its own."""
+    base = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(base / "dist"), str(REPO)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    [wheel] = list((base / "dist").glob("hydra_torchrun_callback-*.whl"))
+    site = base / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    assert (site / "hydra_plugins" / "hydra_torchrun_callback" / "__init__.py").exists()
+    assert (site / "hydra_torchrun_callback" / "py.typed").exists()
+    return site
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    env = app_env()
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), str(APPS)])
+    return env
+
+
+@pytest.mark.parametrize("override", ["hydra/callbacks=torchrun", "+callbacks=torchrun"])
+def test_wheel_install_is_discovered(wheel_site: Path, tmp_path: Path, override: str) -> None:
+    env = _env(wheel_site)
+    where = subprocess.run(
+        [sys.executable, "-c", "import hydra_torchrun_callback as m; print(m.__file__)"],
+        env=env, capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout
+    assert where.startswith(str(wheel_site))  # the wheel's copy, not the source tree
+    proc = subprocess.run(
+        [sys.executable, str(APPS / "probe_app.py"), override,
+         "hydra.callbacks.torchrun.nproc_per_node=2", f"hydra.run.dir={tmp_path / 'out'}"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("rank*.json")) == [
+        "rank0.a0.json", "rank1.a0.json"]
+
+
+BLOCKER = '''
+# Hide the plugin from Hydra's scan (as an editable install's import hook does).
+import pkgutil
+_walk = pkgutil.walk_packages
+def _hidden(*args, **kwargs):
+    for info in _walk(*args, **kwargs):
+        if not info.name.startswith("hydra_plugins.hydra_torchrun_callback"):
+            yield info
+pkgutil.walk_packages = _hidden
+'''
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("hydra/callbacks=torchrun", "Could not find 'hydra/callbacks/torchrun'"),
+     ("+callbacks=torchrun", "Could not find 'callbacks/torchrun'")],
+)
+def test_failed_discovery_is_an_error(tmp_path: Path, override: str, message: str) -> None:
+    """Never a silently ignored key: the app stops and nothing runs."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = _env(tmp_path, REPO)
+    proc = subprocess.run(
+        [sys.executable, str(APPS / "probe_app.py"), override, f"hydra.run.dir={tmp_path / 'out'}"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,129 @@
+"""Pure parts: option parsing, placement, per-rank logging config, call diversion."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from hydra_torchrun_callback import TorchrunConf, TorchrunOptionError
+from hydra_torchrun_callback._divert import DivertError, Outcome, divert
+from hydra_torchrun_callback._options import parse_options, resolve_nproc_per_node
+from hydra_torchrun_callback._placement import resolve_placement
+from hydra_torchrun_callback._worker import rank_logging_config
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_defaults_match_golden_yaml() -> None:
+    """The option surface users see in `--cfg hydra` (update the golden file on purpose)."""
+    rendered = OmegaConf.to_yaml(OmegaConf.structured(TorchrunConf))
+    assert rendered == (GOLDEN / "torchrun_defaults.yaml").read_text()
+
+
+def test_nnodes_forms() -> None:
+    assert parse_options({"nnodes": "2"}).max_nodes == 2
+    opts = parse_options({"nnodes": "1:4"})
+    assert (opts.min_nodes, opts.max_nodes) == (1, 4)
+    with pytest.raises(TorchrunOptionError, match="nnodes='3:1'"):
+        parse_options({"nnodes": "3:1"})
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpus", "cpus", "expected"),
+    [(None, 0, 8, 1), (None, 4, 8, 4), ("auto", 0, 8, 8), ("auto", 2, 8, 2), ("cpu", 2, 8, 8),
+     ("gpu", 2, 8, 2), ("3", 0, 8, 3)],
+)
+def test_nproc_resolution(spec: str | None, gpus: int, cpus: int, expected: int) -> None:
+    """Unset = one per GPU, one without GPUs, never one per core. (GPU counts are given, not probed.)"""
+    assert resolve_nproc_per_node(spec, gpus, cpus) == expected
+
+
+def test_nproc_gpu_without_gpu() -> None:
+    with pytest.raises(TorchrunOptionError, match="needs a visible CUDA device"):
+        resolve_nproc_per_node("gpu", 0, 8)
+
+
+def test_std_and_rdzv_conf_forms() -> None:
+    opts = parse_options({"redirects": "0:3,1:1", "tee": 2, "rdzv_conf": "timeout=60,x=y"})
+    assert opts.redirects == {0: 3, 1: 1} and opts.tee == 2
+    assert opts.rdzv_configs == {"timeout": "60", "x": "y"}
+    assert parse_options({"rdzv_conf": {"timeout": 5}}).rdzv_configs == {"timeout": 5}
+    with pytest.raises(TorchrunOptionError, match="rdzv_conf"):
+        parse_options({"rdzv_conf": "novalue"})
+
+
+def test_local_placement_is_standalone_on_a_free_port() -> None:
+    p = resolve_placement(parse_options({}), {}, 2, pick_port=lambda: 4242)
+    assert (p.rdzv_backend, p.rdzv_endpoint, p.max_nodes, p.port_picked) == (
+        "c10d", "localhost:4242", 1, True)
+    other = resolve_placement(parse_options({}), {}, 2, pick_port=lambda: 4243)
+    assert other.run_id != p.run_id  # concurrent jobs never merge
+    fixed = resolve_placement(parse_options({"master_port": 5000}), {}, 1)
+    assert fixed.rdzv_endpoint == "localhost:5000" and not fixed.port_picked
+
+
+def test_manual_placement_follows_torchrun() -> None:
+    opts = parse_options({"nnodes": 2, "rdzv_endpoint": "n1:29400", "rdzv_id": "job7"})
+    p = resolve_placement(opts, {}, 4)
+    assert (p.rdzv_endpoint, p.run_id, p.max_nodes, p.source) == ("n1:29400", "job7", 2, "manual")
+    static = resolve_placement(
+        parse_options({"nnodes": 2, "rdzv_backend": "static", "master_addr": "h", "master_port": 1234,
+                       "node_rank": 1, "rdzv_id": "j"}), {}, 1)
+    assert static.rdzv_endpoint == "h:1234" and static.rdzv_configs["rank"] == 1
+    with pytest.raises(TorchrunOptionError, match="rdzv_endpoint"):
+        resolve_placement(parse_options({"nnodes": 2}), {}, 1)
+    with pytest.raises(TorchrunOptionError, match="rdzv_id"):
+        resolve_placement(parse_options({"nnodes": 2, "rdzv_endpoint": "h:1"}), {}, 1)
+
+
+def test_rank_logging_config() -> None:
+    conf = {
+        "formatters": {"simple": {"format": "[%(name)s] %(message)s"}},
+        "handlers": {"file": {"filename": "/o/app.log"}, "console": {"stream": "x"}},
+    }
+    out = rank_logging_config(conf, 3)
+    assert out["formatters"]["simple"]["format"] == "[rank3][%(name)s] %(message)s"
+    assert out["handlers"]["file"]["filename"] == "/o/app_rank3.log"
+    assert conf["handlers"]["file"]["filename"] == "/o/app.log"  # input untouched
+
+
+def test_divert_function_delivers_once_then_restores() -> None:
+    def outer() -> object:
+        captured = 5
+
+        def task(cfg: object) -> object:
+            return ("real", captured, cfg)
+
+        return task
+
+    task = outer()
+    code = task.__code__
+    divert(task, Outcome(value="from rank 0"))
+    assert task("cfg") == "from rank 0"
+    assert task.__code__ is code and task("cfg") == ("real", 5, "cfg")
+    divert(task, Outcome(error=KeyError("k")))
+    with pytest.raises(KeyError):
+        task("cfg")
+    assert task("c") == ("real", 5, "c")
+
+
+def test_divert_partial_object_and_restore() -> None:
+    class Obj:
+        def __call__(self, cfg: object) -> str:
+            return "real"
+
+    obj = Obj()
+    d = divert(obj, Outcome(value=1))
+    d.restore()  # restoring without a call (the hook path) puts it back too
+    assert type(obj) is Obj and obj(None) == "real"
+    part = functools.partial(lambda cfg, k: k, k=3)
+    divert(part, Outcome(value=9))
+    assert part(None) == 9 and part(None) == 3
+
+
+def test_divert_refuses_builtins() -> None:
+    with pytest.raises(DivertError):
+        divert(print, Outcome())
