@@ -65,6 +65,13 @@ def _hidden(*args, **kwargs):
         if not info.name.startswith("hydra_plugins.hydra_torchrun_callback"):
             yield info
 pkgutil.walk_packages = _hidden
+import sys
+class _Block:  # walk_packages imports packages to recurse into them: refuse that too
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("hydra_plugins.hydra_torchrun_callback"):
+            raise ImportError("simulated: plugin hidden")
+        return None
+sys.meta_path.insert(0, _Block())
 '''
 
 
