@@ -8,6 +8,7 @@ never runs in the Hydra process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -17,11 +18,11 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_torchrun_callback._divert import DivertError, Diversion, Outcome, can_divert, divert
+from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
 from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
-__all__ = ["TorchrunCallback", "TorchrunAbort"]
+__all__ = ["TorchrunAbort", "TorchrunCallback"]
 
 log = logging.getLogger("hydra_torchrun_callback")
 
@@ -60,20 +61,20 @@ def pin_now_interpolations(config: DictConfig) -> None:
     the pickled config, so workers see the Hydra process's timestamps."""
 
     def walk(node: Any, path: str) -> None:
-        for key in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):
+        keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else [*range(len(node))]
+        for key in keys:
             child = node._get_node(key)
-            sub = f"{path}.{key}" if path else str(key)
+            sub = f"{path}.{key!s}" if path else f"{key!s}"
             if child is None:
                 continue
             if OmegaConf.is_config(child):
                 walk(child, sub)
-            else:
-                raw = child._value()
-                if isinstance(raw, str) and "${now:" in raw:
-                    try:
-                        OmegaConf.select(config, sub, throw_on_missing=False)
-                    except Exception:  # an unrelated broken interpolation: the task will see it
-                        pass
+                continue
+            raw = child._value()
+            if isinstance(raw, str) and "${now:" in raw:
+                # An unrelated broken interpolation is the task's to report, not ours.
+                with contextlib.suppress(Exception):
+                    OmegaConf.select(config, sub, throw_on_missing=False)
 
     walk(config, "")
 
@@ -175,4 +176,3 @@ class TorchrunCallback(Callback):
                 f"rank 0's return value could not be unpickled in the Hydra process "
                 f"({type(exc).__name__}: {exc}). Fix: return plain data types."
             ) from exc
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["TorchrunConf", "OPTION_NAMES"]
+__all__ = ["OPTION_NAMES", "TorchrunConf"]
 
 
 @dataclass

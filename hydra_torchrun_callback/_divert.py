@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Outcome", "Diversion", "divert", "can_divert", "DivertError"]
+__all__ = ["Diversion", "DivertError", "Outcome", "can_divert", "divert"]
 
 
 class DivertError(TypeError):

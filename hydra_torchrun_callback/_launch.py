@@ -23,12 +23,14 @@ from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
 
-__all__ = ["launch", "AgentResult"]
+__all__ = ["AgentResult", "launch"]
 
 log = logging.getLogger("hydra_torchrun_callback")
 
 _SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    if hasattr(signal, name)
 )
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 from hydra_torchrun_callback._options import Options, TorchrunOptionError
 
-__all__ = ["Placement", "resolve_placement", "free_port", "check_port_free"]
+__all__ = ["Placement", "check_port_free", "free_port", "resolve_placement"]
 
 DEFAULT_STATIC_PORT = 29500
 

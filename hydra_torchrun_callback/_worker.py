@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["WorkerPayload", "run_worker", "rank_logging_config"]
+__all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
 
 @dataclass
@@ -85,11 +85,10 @@ def rank_logging_config(job_logging: dict[str, Any], rank: int) -> dict[str, Any
 
 def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     """Restore the Hydra job's state in this process; return the task's config."""
+    import cloudpickle
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobRuntime, configure_log, setup_globals
     from omegaconf import OmegaConf, open_dict, read_write
-
-    import cloudpickle
     from omegaconf.basecontainer import BaseContainer
 
     config = payload.config

@@ -19,8 +19,15 @@ APPS = REPO / "tests" / "apps"
 def app_env(**extra: str) -> dict[str, str]:
     """Environment for app subprocesses: the source tree first, test helpers importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+        "OMP_NUM_THREADS",
+    ):
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APPS), env.get("PYTHONPATH", "")])
     env["HYDRA_FULL_ERROR"] = "0"

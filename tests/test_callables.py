@@ -8,22 +8,37 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import APPS, app_env
 
-EXPECTED_X = {"main": 2, "closure": 9, "module": 2, "partial": 6, "object": 7, "method": -3,
-              "slots": 24}
+EXPECTED_X = {
+    "main": 2,
+    "closure": 9,
+    "module": 2,
+    "partial": 6,
+    "object": 7,
+    "method": -3,
+    "slots": 24,
+}
 
 
 def run_kind(tmp_path: Path, kind: str, *overrides: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(APPS / "callables_app.py"), kind,
-         f"hydra.run.dir={tmp_path / 'out'}", *overrides],
-        cwd=tmp_path, env=app_env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(APPS / "callables_app.py"),
+            kind,
+            f"hydra.run.dir={tmp_path / 'out'}",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=app_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_X))
@@ -40,7 +55,11 @@ def test_callable_kinds_under_spawn(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 def test_other_start_methods(tmp_path: Path, start_method: str) -> None:
-    res = run_kind(tmp_path, "closure", "hydra.callbacks.torchrun.nproc_per_node=2",
-                   f"hydra.callbacks.torchrun.start_method={start_method}")
+    res = run_kind(
+        tmp_path,
+        "closure",
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        f"hydra.callbacks.torchrun.start_method={start_method}",
+    )
     assert res["status"] == "COMPLETED" and res["value"]["x"] == 9
     assert res["unchanged"] is True

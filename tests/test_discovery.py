@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import APPS, REPO, app_env
 
 
@@ -17,15 +16,41 @@ def wheel_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package built as a wheel and installed into a folder of its own."""
     base = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(base / "dist"), str(REPO)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(base / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     [wheel] = list((base / "dist").glob("hydra_torchrun_callback-*.whl"))
     site = base / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert (site / "hydra_plugins" / "hydra_torchrun_callback" / "__init__.py").exists()
     assert (site / "hydra_torchrun_callback" / "py.typed").exists()
@@ -43,20 +68,35 @@ def test_wheel_install_is_discovered(wheel_site: Path, tmp_path: Path, override:
     env = _env(wheel_site)
     where = subprocess.run(
         [sys.executable, "-c", "import hydra_torchrun_callback as m; print(m.__file__)"],
-        env=env, capture_output=True, text=True, check=True, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
     ).stdout
     assert where.startswith(str(wheel_site))  # the wheel's copy, not the source tree
     proc = subprocess.run(
-        [sys.executable, str(APPS / "probe_app.py"), override,
-         "hydra.callbacks.torchrun.nproc_per_node=2", f"hydra.run.dir={tmp_path / 'out'}"],
-        env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [
+            sys.executable,
+            str(APPS / "probe_app.py"),
+            override,
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("rank*.json")) == [
-        "rank0.a0.json", "rank1.a0.json"]
+        "rank0.a0.json",
+        "rank1.a0.json",
+    ]
 
 
-BLOCKER = '''
+BLOCKER = """
 # Hide the plugin from Hydra's scan (as an editable install's import hook does).
 import pkgutil
 _walk = pkgutil.walk_packages
@@ -72,7 +112,7 @@ class _Block:  # walk_packages imports packages to recurse into them: refuse tha
             raise ImportError("simulated: plugin hidden")
         return None
 sys.meta_path.insert(0, _Block())
-'''
+"""
 
 
 @pytest.mark.parametrize(
@@ -89,7 +129,11 @@ def test_failed_discovery_is_an_error(tmp_path: Path, override: str, message: st
     env = _env(tmp_path, REPO)
     proc = subprocess.run(
         [sys.executable, str(APPS / "probe_app.py"), override, f"hydra.run.dir={tmp_path / 'out'}"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1
     assert message in proc.stderr

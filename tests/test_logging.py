@@ -27,8 +27,11 @@ def _std_files(log_dir: Path, stream: str) -> dict[str, str]:
 
 def test_redirects_to_log_dir(app, tmp_path: Path) -> None:
     log_dir = tmp_path / "tlogs"
-    run = app(NPROC2, "hydra.callbacks.torchrun.redirects=3",
-              f"hydra.callbacks.torchrun.log_dir={log_dir}")
+    run = app(
+        NPROC2,
+        "hydra.callbacks.torchrun.redirects=3",
+        f"hydra.callbacks.torchrun.log_dir={log_dir}",
+    )
     assert run.proc.returncode == 0, run.output
     assert "probe stdout rank=" not in run.proc.stdout  # redirected away from the console
     out = _std_files(log_dir, "stdout")
@@ -38,8 +41,12 @@ def test_redirects_to_log_dir(app, tmp_path: Path) -> None:
 
 def test_tee_and_local_ranks_filter(app, tmp_path: Path) -> None:
     log_dir = tmp_path / "tlogs"
-    run = app(NPROC2, "hydra.callbacks.torchrun.tee=1", "hydra.callbacks.torchrun.local_ranks_filter=1",
-              f"hydra.callbacks.torchrun.log_dir={log_dir}")
+    run = app(
+        NPROC2,
+        "hydra.callbacks.torchrun.tee=1",
+        "hydra.callbacks.torchrun.local_ranks_filter=1",
+        f"hydra.callbacks.torchrun.log_dir={log_dir}",
+    )
     assert run.proc.returncode == 0, run.output
     out = _std_files(log_dir, "stdout")
     assert "probe stdout rank=0" in out["0"] and "probe stdout rank=1" in out["1"]

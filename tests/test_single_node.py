@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import AppRun
 
 
@@ -53,7 +52,9 @@ def test_hydra_state_in_workers(app, tmp_path: Path) -> None:
     out = run.out.resolve()
     # .hydra/ written once per job, by the Hydra process only.
     assert sorted(p.name for p in (out / ".hydra").iterdir()) == [
-        "config.yaml", "hydra.yaml", "overrides.yaml"
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
     ]
     saved_hydra = yaml.safe_load((out / ".hydra" / "hydra.yaml").read_text())["hydra"]
     saved_cfg = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())

@@ -33,11 +33,18 @@ def test_nnodes_forms() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "gpus", "cpus", "expected"),
-    [(None, 0, 8, 1), (None, 4, 8, 4), ("auto", 0, 8, 8), ("auto", 2, 8, 2), ("cpu", 2, 8, 8),
-     ("gpu", 2, 8, 2), ("3", 0, 8, 3)],
+    [
+        (None, 0, 8, 1),
+        (None, 4, 8, 4),
+        ("auto", 0, 8, 8),
+        ("auto", 2, 8, 2),
+        ("cpu", 2, 8, 8),
+        ("gpu", 2, 8, 2),
+        ("3", 0, 8, 3),
+    ],
 )
 def test_nproc_resolution(spec: str | None, gpus: int, cpus: int, expected: int) -> None:
-    """Unset = one per GPU, one without GPUs, never one per core. (GPU counts are given, not probed.)"""
+    """Unset: one per GPU, one without GPUs, never one per core (GPU counts given, not probed)."""
     assert resolve_nproc_per_node(spec, gpus, cpus) == expected
 
 
@@ -58,7 +65,11 @@ def test_std_and_rdzv_conf_forms() -> None:
 def test_local_placement_is_standalone_on_a_free_port() -> None:
     p = resolve_placement(parse_options({}), {}, 2, pick_port=lambda: 4242)
     assert (p.rdzv_backend, p.rdzv_endpoint, p.max_nodes, p.port_picked) == (
-        "c10d", "localhost:4242", 1, True)
+        "c10d",
+        "localhost:4242",
+        1,
+        True,
+    )
     other = resolve_placement(parse_options({}), {}, 2, pick_port=lambda: 4243)
     assert other.run_id != p.run_id  # concurrent jobs never merge
     fixed = resolve_placement(parse_options({"master_port": 5000}), {}, 1)
@@ -70,8 +81,19 @@ def test_manual_placement_follows_torchrun() -> None:
     p = resolve_placement(opts, {}, 4)
     assert (p.rdzv_endpoint, p.run_id, p.max_nodes, p.source) == ("n1:29400", "job7", 2, "manual")
     static = resolve_placement(
-        parse_options({"nnodes": 2, "rdzv_backend": "static", "master_addr": "h", "master_port": 1234,
-                       "node_rank": 1, "rdzv_id": "j"}), {}, 1)
+        parse_options(
+            {
+                "nnodes": 2,
+                "rdzv_backend": "static",
+                "master_addr": "h",
+                "master_port": 1234,
+                "node_rank": 1,
+                "rdzv_id": "j",
+            }
+        ),
+        {},
+        1,
+    )
     assert static.rdzv_endpoint == "h:1234" and static.rdzv_configs["rank"] == 1
     with pytest.raises(TorchrunOptionError, match="rdzv_endpoint"):
         resolve_placement(parse_options({"nnodes": 2}), {}, 1)

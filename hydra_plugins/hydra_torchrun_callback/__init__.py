@@ -10,6 +10,8 @@ from hydra_torchrun_callback._config import TorchrunConf
 
 _cs = ConfigStore.instance()
 # Hydra's own optional group: works even when the app has a `callbacks` group of its own.
-_cs.store(group="hydra/callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun")
+_cs.store(
+    group="hydra/callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun"
+)
 # The short form from the docs of most Hydra callbacks.
 _cs.store(group="callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun")

@@ -65,14 +65,20 @@ def run() -> None:
         GlobalHydra.instance().clear()
     value = ret._return_value
     os.environ["RANK"] = "-1"  # for the direct call below, outside torchrun
-    print("RESULT " + json.dumps({
-        "status": ret.status.name,
-        "value": value if isinstance(value, dict) else repr(value),
-        "hydra_pid": os.getpid(),
-        "unchanged": identity(task) == before,
-        # Calling it again now runs the real body here (it is no longer diverted).
-        "direct": task(type("C", (), {"x": 1})()) if kind != "partial" else None,
-    }, default=str))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "status": ret.status.name,
+                "value": value if isinstance(value, dict) else repr(value),
+                "hydra_pid": os.getpid(),
+                "unchanged": identity(task) == before,
+                # Calling it again now runs the real body here (it is no longer diverted).
+                "direct": task(type("C", (), {"x": 1})()) if kind != "partial" else None,
+            },
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

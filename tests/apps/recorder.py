@@ -6,8 +6,16 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-LEAK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS")
+LEAK_KEYS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "OMP_NUM_THREADS",
+)
 
 
 class Recorder(Callback):
@@ -20,12 +28,15 @@ class Recorder(Callback):
         value = job_return._return_value
         entry = {
             "status": job_return.status.name,
-            "value": value if isinstance(value, (dict, int, str, type(None))) else None,
+            "value": value if isinstance(value, (dict, int, float, str, type(None))) else None,
             "value_type": type(value).__name__,
             "value_len": len(value) if isinstance(value, bytes) else None,
             "error": str(value) if isinstance(value, BaseException) else None,
-            "error_attrs": {k: v for k, v in vars(value).items() if isinstance(v, (int, str, type(None)))}
-            if isinstance(value, BaseException) else None,
+            "error_attrs": {
+                k: v for k, v in vars(value).items() if isinstance(v, (int, str, type(None)))
+            }
+            if isinstance(value, BaseException)
+            else None,
             "hydra_pid": os.getpid(),
             "leaked_env": {k: os.environ.get(k) for k in LEAK_KEYS},
             "pg_initialized": dist.is_available() and dist.is_initialized(),
