@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -71,6 +72,30 @@ def isolated_process_state() -> Iterator[None]:
         for sig, handler in handlers.items():
             with contextlib.suppress(ValueError, TypeError):  # not in the main thread
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def no_main_reimport() -> Iterator[None]:
+    """Keep spawned workers from re-importing the app's ``__main__`` module.
+
+    multiprocessing's spawn/forkserver re-run the parent's main script (as
+    ``__mp_main__``) in every child so that objects pickled by reference to
+    ``__main__`` resolve. The task and its config travel by value (cloudpickle),
+    so the re-import only costs start-up time and breaks scripts that call
+    ``main()`` without an ``if __name__ == "__main__":`` guard.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    if "__spec__" in saved:
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _std(spec: StdSpec) -> Any:
@@ -131,7 +156,7 @@ def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
     attempts = 3 if placement.port_picked else 1
     try:
         for attempt in range(attempts):
-            with isolated_process_state():
+            with isolated_process_state(), no_main_reimport():
                 # A fresh worker store per attempt. With the agent's shared store (torch's
                 # default) a restarted group finds the failed attempt's keys, and gloo's
                 # connectFullMesh can dial a dead rank's stale address and hang.

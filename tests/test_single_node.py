@@ -108,3 +108,39 @@ def test_none_return_value(app) -> None:
     run = app("hydra.callbacks.torchrun.nproc_per_node=2", "returns=none")
     assert run.proc.returncode == 0, run.output
     assert run.records[0]["status"] == "COMPLETED" and run.records[0]["value"] is None
+
+
+def test_script_without_main_guard(app) -> None:
+    """Workers never re-import the app's __main__, so an unguarded `main()` call is fine."""
+    run = app("hydra.callbacks.torchrun.nproc_per_node=2", script="unguarded_app.py")
+    assert run.proc.returncode == 0, run.output
+    assert [r["value"] for r in run.records] == ["rank 0"]
+
+
+def test_run_as_module(tmp_path: Path) -> None:
+    """`python -m package.app` works the same way."""
+    import subprocess
+    import sys
+
+    from conftest import APPS, app_env
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probe_app",
+            "hydra/callbacks=torchrun",
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            f"hydra.run.dir={tmp_path / 'o'}",
+        ],
+        cwd=APPS,
+        env=app_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "o").glob("rank*.json")) == [
+        "rank0.a0.json",
+        "rank1.a0.json",
+    ]
