@@ -165,8 +165,10 @@ class TorchrunCallback(Callback):
                 "the task's closure and config; create them inside the task."
             ) from exc
         log.info("%s", placement.describe())
-        result = launch(opts, placement, payload)
-        data = result.rank0_payload
+        if placement.cluster is None:
+            data = launch(opts, placement, payload).rank0_payload
+        else:
+            data = self._run_multinode(opts, placement, payload)
         if data is None:
             return None
         try:
@@ -176,3 +178,41 @@ class TorchrunCallback(Callback):
                 f"rank 0's return value could not be unpickled in the Hydra process "
                 f"({type(exc).__name__}: {exc}). Fix: return plain data types."
             ) from exc
+
+    def _run_multinode(self, opts: Any, placement: Any, payload: bytes) -> Optional[bytes]:
+        """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
+        from hydra_torchrun_callback._coordination import JobCoordinator
+        from hydra_torchrun_callback._launch import launch
+
+        coord = JobCoordinator(placement, opts.peer_timeout)
+        node0 = placement.node_rank == 0
+        try:
+            try:
+                data = launch(opts, placement, payload, coord).rank0_payload
+            except TorchrunJobError as err:
+                if coord.abort_reason is not err:
+                    coord.report_failure(err)
+                root = coord.root_cause(err, timeout=10.0)
+                coord.mark_done()
+                if node0:
+                    coord.wait_all_done(timeout=opts.peer_timeout)
+                raise (root or err) from None
+            if data is not None:
+                coord.put_result(data)
+            coord.mark_done()
+            if not node0:
+                return None  # only node 0's JobReturn carries the job's value
+            missing = coord.wait_all_done(timeout=opts.peer_timeout)
+            failure = coord.failure()
+            if failure is not None:
+                raise failure
+            if data is None:
+                data = coord.wait_result(timeout=5.0)
+            if data is None:
+                raise TorchrunSetupError(
+                    "the job finished but global rank 0's return value never reached node 0"
+                    + (f" (nodes {missing} did not report back)" if missing else "")
+                )
+            return data
+        finally:
+            coord.close()

@@ -59,6 +59,11 @@ class TorchrunConf:
     master_port: Optional[int] = None
     # Address this node advertises to the others (bind to the cluster interface).
     local_addr: Optional[str] = None
+    # Multi-node detection: "auto" (a submitit task or an srun step with several tasks),
+    # "none" (always one machine), "slurm" or "submitit" (require it, fail if absent).
+    cluster: str = "auto"
+    # Seconds without a heartbeat before a peer node counts as lost (multi-node only).
+    peer_timeout: float = 30.0
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
@@ -140,7 +141,16 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
     )
 
 
-def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
+def _raise_signal(signum: int, frame: Any) -> None:
+    """SIGTERM before torch installs its own handler (e.g. during rendezvous)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}", signal.Signals(signum))
+
+
+def launch(
+    opts: Options, placement: Placement, payload: bytes, coord: Optional[JobCoordinator] = None
+) -> AgentResult:
     """Start this node's agent and workers; return when the worker group is done.
 
     Raises :class:`TorchrunJobError` with the root cause when a worker failed
@@ -166,11 +176,21 @@ def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
                 if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
                     os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does
                 config = _launch_config(opts, placement, log_dir)
+                if coord is not None:
+                    os.environ.update(coord.worker_env)
+                    with contextlib.suppress(ValueError):  # not in the main thread
+                        signal.signal(signal.SIGTERM, _raise_signal)
+                    coord.start_watchdog()
                 try:
                     values = launch_agent(config, run_worker, [payload])
                 except ChildFailedError as err:
-                    raise root_cause_error(err, socket.gethostname()) from None
+                    first = coord.first_failed_rank() if coord is not None else None
+                    raise root_cause_error(
+                        err, socket.gethostname(), placement.node_rank, prefer_rank=first
+                    ) from None
                 except SignalException as err:
+                    if coord is not None and coord.abort_reason is not None:
+                        raise coord.abort_reason from None
                     if err.sigval == signal.SIGINT:
                         raise KeyboardInterrupt(
                             "torchrun job interrupted (SIGINT); workers were stopped"
@@ -185,6 +205,9 @@ def launch(opts: Options, placement: Placement, payload: bytes) -> AgentResult:
                         placement = _with_port(placement, port)
                         continue
                     raise
+                finally:
+                    if coord is not None:
+                        coord.stop_watchdog()
             return AgentResult(dict(values), placement)
         raise AssertionError("unreachable")
     finally:

@@ -20,6 +20,7 @@ __all__ = ["Options", "TorchrunOptionError", "parse_options", "resolve_nproc_per
 PREFIX = "hydra.callbacks.torchrun"
 START_METHODS = ("spawn", "fork", "forkserver")
 RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
+CLUSTER_MODES = ("auto", "none", "slurm", "submitit")
 NPROC_WORDS = ("auto", "gpu", "cpu")
 
 _NPROC_ACCEPTED = "expected a positive integer, 'auto', 'gpu' or 'cpu'"
@@ -66,6 +67,8 @@ class Options:
     master_addr: Optional[str]
     master_port: Optional[int]
     local_addr: Optional[str]
+    cluster: str = "auto"
+    peer_timeout: float = 30.0
 
 
 def _int(option: str, value: Any, minimum: int, example: str) -> int:
@@ -231,7 +234,26 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         master_addr=None if get("master_addr") in (None, "") else str(get("master_addr")),
         master_port=_parse_port(get("master_port")),
         local_addr=None if get("local_addr") in (None, "") else str(get("local_addr")),
+        cluster=_choice("cluster", get("cluster") or "auto", CLUSTER_MODES, "none"),
+        peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 30.0), "30"),
     )
+
+
+def _choice(option: str, value: Any, accepted: tuple[str, ...], example: str) -> str:
+    text = str(value)
+    if text not in accepted:
+        raise TorchrunOptionError(option, value, "expected one of " + ", ".join(accepted), example)
+    return text
+
+
+def _positive_float(option: str, value: Any, example: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise TorchrunOptionError(option, value, "expected a number of seconds > 0", example)
+    return number
 
 
 def resolve_nproc_per_node(spec: Optional[str], gpu_count: int, cpu_count: int) -> int:

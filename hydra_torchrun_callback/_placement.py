@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 import uuid
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,108 @@ from hydra_torchrun_callback._options import Options, TorchrunOptionError
 __all__ = ["Placement", "check_port_free", "free_port", "resolve_placement"]
 
 DEFAULT_STATIC_PORT = 29500
+
+
+#: Derived rendezvous ports live below Linux's ephemeral range (32768-60999), so a
+#: port picked for an outgoing connection never takes a job's port by chance.
+DERIVED_PORT_BASE = 15000
+DERIVED_PORT_SPAN = 17000
+
+
+@dataclass(frozen=True)
+class ClusterTask:
+    """This process as one task of a multi-task job (one task = one torchrun node)."""
+
+    kind: str  # "slurm" (srun step, submitit_slurm or not) or "submitit-local"
+    job_id: str  # array jobs: "<array job id>_<task id>"
+    num_tasks: int
+    task_rank: int
+    hostnames: tuple[str, ...]  # one per node of the step, first = the job's master host
+
+    @property
+    def master_addr(self) -> str:
+        return self.hostnames[0] if self.hostnames else "localhost"
+
+
+def parse_node_list(node_list: str) -> list[str]:
+    """Expand a SLURM node list such as ``node[001-003,007],gpu12`` (submitit's parser)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    return list(_parse_node_list(node_list))
+
+
+def derived_port(job_id: str) -> int:
+    """A port that every task of one job computes alike, different across jobs."""
+    return DERIVED_PORT_BASE + zlib.crc32(job_id.encode()) % DERIVED_PORT_SPAN
+
+
+def _require(env: Mapping[str, str], names: tuple[str, ...], mode: str) -> None:
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        raise TorchrunOptionError(
+            "cluster",
+            mode,
+            f"this process is not a {mode} task: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set",
+            "auto",
+            fix=f"run it as a task (srun / a submitit launcher), or set "
+            f"hydra.callbacks.torchrun.cluster=auto or none (missing: {', '.join(missing)})",
+        )
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        raise TorchrunOptionError(
+            "cluster",
+            env.get(name),
+            f"{name}={env.get(name)!r} is not an integer",
+            "auto",
+            fix=f"check the environment variable {name}",
+        ) from None
+
+
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")
+_SUBMITIT_LOCAL = ("SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS")
+
+
+def detect_cluster(env: Mapping[str, str], mode: str = "auto") -> Optional[ClusterTask]:
+    """Which task of which job this process is, or None on a plain machine.
+
+    Only per-task variables count: an ``srun`` step sets ``SLURM_PROCID`` and
+    ``SLURM_STEP_*`` for each task it starts, submitit's local executor sets
+    ``SUBMITIT_LOCAL_GLOBALID``. The job-level variables an ``salloc`` shell or a
+    batch script inherits (``SLURM_JOB_ID``, ``SLURM_NNODES``) never switch
+    multi-node on by themselves.
+    """
+    if mode == "none":
+        return None
+    local = env.get("SUBMITIT_EXECUTOR") == "local" or "SUBMITIT_LOCAL_GLOBALID" in env
+    as_local = local or (mode == "submitit" and "SLURM_PROCID" not in env)
+    if mode in ("auto", "submitit") and as_local:
+        if mode == "auto" and not all(env.get(n) for n in _SUBMITIT_LOCAL):
+            return None
+        _require(env, _SUBMITIT_LOCAL, "submitit")
+        return ClusterTask(
+            kind="submitit-local",
+            job_id=env["SUBMITIT_LOCAL_JOB_ID"],
+            num_tasks=_int_var(env, "SUBMITIT_LOCAL_NTASKS"),
+            task_rank=_int_var(env, "SUBMITIT_LOCAL_GLOBALID"),
+            hostnames=("localhost",),
+        )
+    if mode == "auto" and not all(env.get(n) for n in _SLURM_STEP):
+        return None
+    _require(env, _SLURM_STEP, "slurm" if mode == "auto" else mode)
+    array_id, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_id}_{array_task}" if array_id and array_task else env["SLURM_JOB_ID"]
+    return ClusterTask(
+        kind="slurm",
+        job_id=job_id,
+        num_tasks=_int_var(env, "SLURM_STEP_NUM_TASKS"),
+        task_rank=_int_var(env, "SLURM_PROCID"),
+        hostnames=tuple(parse_node_list(env["SLURM_STEP_NODELIST"])),
+    )
 
 
 @dataclass(frozen=True)
@@ -38,6 +141,8 @@ class Placement:
     source: str
     #: True when this process picked the port itself (it may retry on a race).
     port_picked: bool
+    #: Set for a multi-task job: node 0 hosts the job's store at ``rdzv_endpoint``.
+    cluster: Optional[ClusterTask] = None
 
     def describe(self) -> str:
         """One line for the logs: node rank / nodes, endpoint, rdzv id, workers."""
@@ -87,7 +192,9 @@ def resolve_placement(
     ``env`` is the environment to read (``os.environ`` in real use); it is only
     consulted for cluster detection, never changed.
     """
-    del env  # single-machine and manual placement do not read the environment
+    task = None if opts.rdzv_endpoint else detect_cluster(env, opts.cluster)
+    if task is not None and task.num_tasks > 1:
+        return _cluster_placement(opts, task, nproc_per_node)
     min_nodes = opts.min_nodes or 1
     max_nodes = opts.max_nodes or min_nodes
     rdzv_configs: dict[str, object] = dict(opts.rdzv_configs)
@@ -148,4 +255,36 @@ def resolve_placement(
         local_addr=opts.local_addr,
         source="manual",
         port_picked=False,
+    )
+
+
+def _cluster_placement(opts: Options, task: ClusterTask, nproc_per_node: int) -> Placement:
+    """One node per task: rank = task rank, master = first host, id and port from the job."""
+    if opts.max_nodes is not None and opts.max_nodes != task.num_tasks:
+        raise TorchrunOptionError(
+            "nnodes",
+            f"{opts.min_nodes}:{opts.max_nodes}",
+            f"this job has {task.num_tasks} tasks (one torchrun node each)",
+            str(task.num_tasks),
+            fix="leave nnodes unset under SLURM/submitit, or ask the launcher for that many "
+            "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node)",
+        )
+    port = opts.master_port or derived_port(task.job_id)
+    host = opts.master_addr or task.master_addr
+    configs: dict[str, object] = dict(opts.rdzv_configs)
+    # Node 0's Hydra process hosts the job's store itself; every agent joins it as a client.
+    configs["is_host"] = False
+    return Placement(
+        min_nodes=task.num_tasks,
+        max_nodes=task.num_tasks,
+        node_rank=task.task_rank,
+        nproc_per_node=nproc_per_node,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"{host}:{port}",
+        run_id=opts.rdzv_id or f"job{task.job_id}",
+        rdzv_configs=configs,
+        local_addr=opts.local_addr,
+        source=task.kind,
+        port_picked=False,
+        cluster=task,
     )

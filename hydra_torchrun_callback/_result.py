@@ -25,8 +25,10 @@ class TorchrunJobError(RuntimeError):
         exc_message: Optional[str] = None,
         traceback: Optional[str] = None,
         exitcode: Optional[int] = None,
+        node_rank: Optional[int] = None,
     ) -> None:
         super().__init__(message)
+        self.node_rank = node_rank
         self.rank = rank
         self.local_rank = local_rank
         self.node = node
@@ -57,9 +59,18 @@ def _split_exception(message: str) -> tuple[Optional[str], str]:
     return None, message
 
 
-def root_cause_error(err: Any, node: str) -> TorchrunJobError:
-    """Build the job's error from torch's ``ChildFailedError`` (first failure = root cause)."""
-    rank, failure = err.get_first_failure()
+def root_cause_error(
+    err: Any, node: str, node_rank: int = 0, prefer_rank: Optional[int] = None
+) -> TorchrunJobError:
+    """Build the job's error from torch's ``ChildFailedError``.
+
+    The root cause is ``prefer_rank`` when it failed here (the rank that claimed
+    the job's first failure), else torch's first failure (by timestamp).
+    """
+    if prefer_rank is not None and prefer_rank in err.failures:
+        rank, failure = prefer_rank, err.failures[prefer_rank]
+    else:
+        rank, failure = err.get_first_failure()
     data = failure.error_file_data or {}
     info = data.get("message", {}) if isinstance(data.get("message"), dict) else {}
     extra = info.get("extraInfo", {}) if isinstance(info, dict) else {}
@@ -73,7 +84,10 @@ def root_cause_error(err: Any, node: str) -> TorchrunJobError:
     else:
         what = f"exited with code {failure.exitcode}: {message}"
     others = sorted(r for r in err.failures if r != rank)
-    text = f"torchrun worker rank {rank} (local rank {failure.local_rank}, node {node}) {what}"
+    text = (
+        f"torchrun worker rank {rank} (local rank {failure.local_rank}, node {node_rank} "
+        f"on {node}) {what}"
+    )
     if others:
         text += f"\n(ranks {others} also failed; rank {rank} failed first: the root cause)"
     if traceback:
@@ -88,4 +102,5 @@ def root_cause_error(err: Any, node: str) -> TorchrunJobError:
         exc_message=exc_message,
         traceback=traceback,
         exitcode=failure.exitcode,
+        node_rank=node_rank,
     )

@@ -121,6 +121,33 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     return task_cfg
 
 
+def _claim_first_failure(rank: int) -> None:
+    """Multi-node: record in the job store that this rank failed, if none did before.
+
+    Runs before the exception leaves this process, so it precedes every failure
+    it causes in other ranks (they fail once this process is gone)."""
+    spec = os.environ.get("HYDRA_TORCHRUN_JOB_STORE")
+    if not spec:
+        return
+    try:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        address, prefix = spec.split(" ", 1)
+        host, port = address.rsplit(":", 1)
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            host,
+            int(port),
+            is_master=False,
+            timeout=timedelta(seconds=5),
+            wait_for_workers=False,
+        )
+        store.compare_set(prefix + "first_failed_rank", "", str(rank))
+    except Exception:  # never mask the task's own error
+        pass
+
+
 def run_worker(payload_bytes: bytes) -> Optional[bytes]:
     """Worker entrypoint: run the task once; rank 0 returns its pickled value."""
     import cloudpickle
@@ -130,6 +157,9 @@ def run_worker(payload_bytes: bytes) -> Optional[bytes]:
     task_cfg = _enter_hydra_job(payload, rank)
     try:
         value = payload.task(task_cfg)
+    except BaseException:
+        _claim_first_failure(rank)
+        raise
     finally:
         for handler in logging.getLogger().handlers:
             handler.flush()

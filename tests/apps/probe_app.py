@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 
 import hydra
@@ -44,13 +45,21 @@ def main(cfg: DictConfig) -> object:
         "stamp": cfg.stamp,
         "hydra_cfg": OmegaConf.to_container(hc, resolve=False, enum_to_str=True),
         "attempt": attempt,
+        "host": socket.gethostname(),
     }
     for i in range(cfg.log_lines):
         log.info("probe line %d from pid %d", i, os.getpid())
     print(f"probe stdout rank={rank}", flush=True)
     if cfg.kill_rank == rank and attempt < cfg.fail_attempts:
         os.kill(os.getpid(), signal.SIGKILL)
-    if cfg.fail_rank == rank and attempt < cfg.fail_attempts:
+    group = int(os.environ.get("GROUP_RANK", "-1"))
+    local = int(os.environ.get("LOCAL_RANK", "-1"))
+    node_fails = cfg.fail_group == group and cfg.fail_local == local
+    if (cfg.fail_rank == rank or node_fails) and attempt < cfg.fail_attempts:
+        if cfg.fail_delay:
+            import time
+
+            time.sleep(cfg.fail_delay)
         raise ValueError(f"probe failure on rank {rank} attempt {attempt}")
     if cfg.collective:
         import torch

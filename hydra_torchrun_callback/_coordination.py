@@ -1,0 +1,234 @@
+"""Tie the nodes of one multi-node job together through one TCPStore.
+
+Node 0's Hydra process hosts the store on the job's rendezvous port; every
+node's agent (node 0's too) joins it as a c10d rendezvous client, and the Hydra
+processes use a private key space in it to:
+
+- carry global rank 0's pickled return value to node 0, wherever rank 0 ran
+  (under c10d rendezvous it need not be on node 0: pytorch #137402);
+- publish the first failure (the root cause) so that every node reports it;
+- mark each node done, so node 0 keeps the store up until everyone has read it;
+- exchange heartbeats, so a node whose Hydra process died is noticed.
+
+A watchdog thread per node interrupts the local agent when another node failed
+or went silent, so no node waits for a collective or rendezvous timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from datetime import timedelta
+from typing import Optional
+
+from hydra_torchrun_callback._placement import Placement
+from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+
+__all__ = ["JobCoordinator"]
+
+log = logging.getLogger("hydra_torchrun_callback")
+
+_POLL_S = 0.25
+#: Key a failing worker claims (compare_set) before its exception propagates: peers
+#: only fail after it, so the claim orders the root cause before any consequence.
+FIRST_FAILED_KEY = "first_failed_rank"
+#: Environment variable telling workers where to claim it: "host:port prefix".
+JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
+_HEARTBEAT_S = 1.0
+
+
+class JobCoordinator:
+    """This node's handle on the job store (node 0 hosts it)."""
+
+    def __init__(self, placement: Placement, peer_timeout: float, connect_timeout: float = 120.0):
+        import torch.distributed as dist
+
+        assert placement.cluster is not None
+        self.placement = placement
+        self.node = placement.node_rank
+        self.nnodes = placement.max_nodes
+        self.peer_timeout = peer_timeout
+        host, port = placement.rdzv_endpoint.rsplit(":", 1)
+        self.prefix = f"hydra_torchrun/{placement.run_id}/"
+        self.is_server = self.node == 0
+        try:
+            self.store = dist.TCPStore(  # type: ignore[attr-defined]
+                host_name=host,
+                port=int(port),
+                world_size=None,
+                is_master=self.is_server,
+                timeout=timedelta(seconds=connect_timeout),
+                wait_for_workers=False,
+                multi_tenant=False,
+            )
+        except Exception as exc:
+            if self.is_server:
+                raise TorchrunSetupError(
+                    f"node 0 could not host the job's rendezvous store on port {port} "
+                    f"({type(exc).__name__}: {exc}). Another process holds it: set "
+                    "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
+                ) from exc
+            raise TorchrunSetupError(
+                f"node {self.node} could not reach the job's rendezvous store at "
+                f"{placement.rdzv_endpoint} within {connect_timeout:.0f}s "
+                f"({type(exc).__name__}: {exc}). Is node 0 running, and does its address "
+                "resolve from here? (set hydra.callbacks.torchrun.master_addr / local_addr)"
+            ) from exc
+        self.abort_reason: Optional[TorchrunJobError] = None
+        #: What workers need to claim the first failure (see FIRST_FAILED_KEY).
+        self.worker_env = {JOB_STORE_ENV: f"{host}:{port} {self.prefix}"}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._main_pid = os.getpid()
+
+    # -- keys -----------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    def _set(self, name: str, value: bytes) -> None:
+        self.store.set(self._key(name), value)  # type: ignore[arg-type]
+
+    def _has(self, name: str) -> bool:
+        return bool(self.store.check([self._key(name)]))
+
+    def _get(self, name: str) -> bytes:
+        return bytes(self.store.get(self._key(name)))
+
+    # -- what nodes tell each other --------------------------------------------
+    def put_result(self, data: bytes) -> None:
+        self._set("result", data)
+
+    def first_failed_rank(self) -> Optional[int]:
+        """The global rank whose worker raised first (claimed by the worker itself)."""
+        if not self._has(FIRST_FAILED_KEY):
+            return None
+        return int(self.store.get(self._key(FIRST_FAILED_KEY)))
+
+    def report_failure(self, error: TorchrunJobError) -> None:
+        """Publish this node's failure. The root cause (the rank that claimed the first
+        failure) always wins; any other failure only fills an empty slot."""
+        blob = pickle.dumps(error)
+        if error.rank is not None and error.rank == self.first_failed_rank():
+            self._set("failure", blob)
+        else:
+            self.store.compare_set(self._key("failure"), "", blob)  # type: ignore[arg-type]
+
+    def failure(self) -> Optional[TorchrunJobError]:
+        if not self._has("failure"):
+            return None
+        err = pickle.loads(self._get("failure"))
+        return err if isinstance(err, TorchrunJobError) else None
+
+    def root_cause(
+        self, own: Optional[TorchrunJobError], timeout: float
+    ) -> Optional[TorchrunJobError]:
+        """The job's root cause: the claimed first failure's details once its node has
+        published them (bounded wait), else the first failure published, else ours."""
+        deadline = time.monotonic() + timeout
+        while True:
+            first, failure = self.first_failed_rank(), self.failure()
+            if failure is not None and (first is None or failure.rank == first):
+                return failure
+            if time.monotonic() >= deadline:
+                return failure or own
+            time.sleep(_POLL_S)
+
+    def mark_done(self) -> None:
+        self._set(f"done/{self.node}", b"1")
+
+    def wait_all_done(self, timeout: float) -> list[int]:
+        """Node 0: wait until every node has said done; return the ones that did not."""
+        deadline = time.monotonic() + timeout
+        missing = list(range(self.nnodes))
+        while missing and time.monotonic() < deadline:
+            missing = [n for n in missing if not self._has(f"done/{n}")]
+            if missing:
+                time.sleep(_POLL_S)
+        return missing
+
+    def wait_result(self, timeout: float) -> Optional[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._has("result"):
+                return self._get("result")
+            if self.failure() is not None:
+                return None
+            time.sleep(_POLL_S)
+        return None
+
+    # -- the watchdog -------------------------------------------------------------
+    def start_watchdog(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="torchrun-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop_watchdog(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _abort(self, reason: TorchrunJobError) -> None:
+        """Interrupt this node's agent: it stops its workers and returns."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+            log.error("stopping this node's workers: %s", str(reason).splitlines()[0])
+            os.kill(self._main_pid, signal.SIGTERM)
+
+    def _watch(self) -> None:
+        last_beat = 0.0
+        seen: dict[int, tuple[int, float]] = {}
+        unreachable_since: Optional[float] = None
+        while not self._stop.wait(_POLL_S):
+            now = time.monotonic()
+            try:
+                if now - last_beat >= _HEARTBEAT_S:
+                    self.store.add(self._key(f"hb/{self.node}"), 1)
+                    last_beat = now
+                failure = self.failure()
+                unreachable_since = None
+            except Exception as exc:  # the store (node 0) is gone
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > min(self.peer_timeout, 10.0):
+                    self._abort(
+                        TorchrunJobError(
+                            f"node {self.node} lost contact with node 0, which hosts the job's "
+                            f"store ({type(exc).__name__}: {exc}); node 0 probably died",
+                            node=self.placement.rdzv_endpoint.rsplit(":", 1)[0],
+                            node_rank=0,
+                        )
+                    )
+                    return
+                continue
+            if failure is not None and failure.node_rank != self.node:
+                self._abort(failure)
+                return
+            for peer in range(self.nnodes):
+                if peer == self.node:
+                    continue
+                try:
+                    beats = self.store.add(self._key(f"hb/{peer}"), 0)
+                except Exception:
+                    break
+                if self._has(f"done/{peer}"):
+                    continue
+                count, since = seen.get(peer, (-1, now))
+                if beats != count:
+                    seen[peer] = (beats, now)
+                elif beats > 0 and now - since > self.peer_timeout:
+                    err = TorchrunJobError(
+                        f"node {peer} stopped sending heartbeats {now - since:.0f}s ago "
+                        "(its Hydra/agent process died or hangs): the job cannot finish",
+                        node=str(peer),
+                        node_rank=peer,
+                    )
+                    with contextlib.suppress(Exception):
+                        self.report_failure(err)
+                    self._abort(err)
+                    return
+
+    def close(self) -> None:
+        self.stop_watchdog()
