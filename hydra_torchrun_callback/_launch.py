@@ -17,7 +17,9 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback._coordination import JobCoordinator
@@ -101,6 +103,83 @@ def no_main_reimport() -> Iterator[None]:
         main.__dict__.update(saved)
 
 
+#: How long workers get to act on a preemption signal (save a checkpoint, exit)
+#: before submitit's own handler requeues the job and exits this process.
+PREEMPT_GRACE_S = 30.0
+
+
+def _worker_pids() -> list[int]:
+    """This process's live descendants that are workers (not mp's helpers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
+                    found.append(child)
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.append(pid)
+    return alive
+
+
+def preemption_signal(env: Mapping[str, str]) -> Optional[signal.Signals]:
+    """The signal submitit uses to announce preemption/timeout, if under submitit/SLURM."""
+    if "SUBMITIT_EXECUTOR" not in env and "SLURM_JOB_ID" not in env:
+        return None
+    name = "SIG" + env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal.Signals, name, None)
+
+
+@contextlib.contextmanager
+def forward_preemption(sig: Optional[signal.Signals]) -> Iterator[None]:
+    """Pass the preemption signal on to the workers, give them time to checkpoint,
+    then let the handler that was there (submitit's: checkpoint + requeue) run."""
+    if sig is None:
+        yield
+        return
+    previous = signal.getsignal(sig)
+
+    def handler(signum: int, frame: Any) -> None:
+        workers = _alive(_worker_pids())
+        log.warning("got %s: passing it to %d worker(s)", signal.Signals(signum).name, len(workers))
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + PREEMPT_GRACE_S
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if callable(previous):
+            for pid in _alive(workers):  # about to exit/requeue: leave nothing behind
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            previous(signum, frame)
+
+    try:
+        signal.signal(sig, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
 def _std(spec: StdSpec) -> Any:
     from torch.distributed.elastic.multiprocessing import Std
 
@@ -168,7 +247,11 @@ def launch(
     attempts = 3 if placement.port_picked else 1
     try:
         for attempt in range(attempts):
-            with isolated_process_state(), no_main_reimport():
+            with (
+                isolated_process_state(),
+                no_main_reimport(),
+                forward_preemption(preemption_signal(os.environ)),
+            ):
                 # A fresh worker store per attempt. With the agent's shared store (torch's
                 # default) a restarted group finds the failed attempt's keys, and gloo's
                 # connectFullMesh can dial a dead rank's stale address and hang.

@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
