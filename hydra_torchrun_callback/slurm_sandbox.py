@@ -179,7 +179,7 @@ class SlurmSandbox:
             out = subprocess.run(
                 ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True
             ).stdout.split()
-            states = dict(zip(out[::2], out[1::2]))
+            states = dict(zip(out[::2], out[1::2], strict=False))
             if all(states.get(n) == "idle" for n in self.node_names):
                 return
             time.sleep(0.2)
