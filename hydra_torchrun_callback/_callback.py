@@ -106,6 +106,13 @@ class TorchrunCallback(Callback):
         except (TorchrunJobError, TorchrunOptionError, TorchrunSetupError) as exc:
             outcome.error = exc
         except Exception as exc:
+            if type(exc).__module__.startswith("submitit"):
+                # submitit's own verdict (e.g. "not requeued: timed out too many times")
+                # raised by its signal handler while our agent ran: report it as is.
+                outcome.error = exc
+                log.error("%s: %s", type(exc).__name__, exc)
+                self._diversion = divert(task_function, outcome)
+                return
             outcome.error = TorchrunSetupError(
                 f"launching the torchrun workers failed: {type(exc).__name__}: {exc}"
             )

@@ -16,6 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 APPS = REPO / "tests" / "apps"
 
 
+def processes_with_tag(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``HTR_TEST_TAG=tag``."""
+    needle = f"HTR_TEST_TAG={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if int(environ.parent.name) == os.getpid():
+                continue
+            state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def app_env(**extra: str) -> dict[str, str]:
     """Environment for app subprocesses: the source tree first, test helpers importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}

@@ -9,10 +9,11 @@ import os
 import sys
 from typing import Any
 
-from callables_mod import SlotsTask, TaskObject, _record, module_task, scaled_task
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path
 from hydra.core.global_hydra import GlobalHydra
+
+from callables_mod import SlotsTask, TaskObject, _record, module_task, scaled_task
 
 
 def main_task(cfg: Any) -> dict[str, Any]:

@@ -56,10 +56,12 @@ def main(cfg: DictConfig) -> object:
     local = int(os.environ.get("LOCAL_RANK", "-1"))
     node_fails = cfg.fail_group == group and cfg.fail_local == local
     if (cfg.fail_rank == rank or node_fails) and attempt < cfg.fail_attempts:
-        if cfg.fail_delay:
-            import time
+        import time
 
+        if cfg.fail_delay:
             time.sleep(cfg.fail_delay)
+        with open(os.path.join(hc.runtime.output_dir, "failed_at"), "w") as f:
+            f.write(str(time.time()))
         raise ValueError(f"probe failure on rank {rank} attempt {attempt}")
     if cfg.collective:
         import torch

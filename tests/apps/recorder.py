@@ -42,6 +42,10 @@ class Recorder(Callback):
             "pg_initialized": dist.is_available() and dist.is_initialized(),
             "output_dir": config.hydra.runtime.output_dir,
             "overrides": list(job_return.overrides or []),
+            "task": int(
+                os.environ.get("SUBMITIT_LOCAL_GLOBALID", os.environ.get("SLURM_PROCID", "0"))
+            ),
+            "host": __import__("socket").gethostname(),
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")

@@ -1,0 +1,138 @@
+"""Multi-node scenarios, run both under submitit_local emulation and on the SLURM sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from conftest import APPS, processes_with_tag, run_app
+
+
+def two_point_sweep(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> float:
+    """2 jobs x 2 nodes x 2 workers: ranks spread over nodes, sums match, rank 0's value."""
+    start = time.monotonic()
+    run = run_app(
+        tmp_path,
+        *launcher,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "log_lines=1,2",
+        multirun=True,
+        env=env,
+    )
+    wall = time.monotonic() - start
+    assert run.proc.returncode == 0, run.output
+    for job in (0, 1):
+        files = run.rank_files(run.out / str(job))
+        assert sorted(files) == [f"rank{r}.a0.json" for r in range(4)], run.output
+        assert {f["sum"] for f in files.values()} == {6}  # 0+1+2+3: world size 4
+        assert {f["world"] for f in files.values()} == {4}
+        by_node: dict[str, set[str]] = {}
+        for f in files.values():
+            by_node.setdefault(f["env"]["GROUP_RANK"], set()).add(f["host"])
+            assert f["env"]["LOCAL_WORLD_SIZE"] == "2"
+        assert sorted(by_node) == ["0", "1"]  # two nodes, two workers each
+        records = [r for r in run.records if r["output_dir"].endswith(f"/{job}")]
+        assert sorted(r["task"] for r in records) == [0, 1]
+        task0 = next(r for r in records if r["task"] == 0)
+        other = next(r for r in records if r["task"] == 1)
+        rank0 = files["rank0.a0.json"]
+        # What the launcher hands back (task 0's JobReturn) is global rank 0's value,
+        # wherever rank 0 ran; the other node's JobReturn carries nothing misleading.
+        assert task0["status"] == "COMPLETED" and task0["value"]["rank"] == 0
+        assert task0["value"]["pid"] == rank0["pid"]
+        assert other["status"] == "COMPLETED" and other["value"] is None
+    return wall
+
+
+def failure_on_node_1(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> float:
+    """A rank on the second node raises while its peers wait in a collective."""
+    tag = uuid.uuid4().hex
+    env = {**env, "HTR_TEST_TAG": tag}
+    run = run_app(
+        tmp_path,
+        *launcher,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "fail_group=1",
+        "fail_local=1",
+        "fail_delay=2",
+        multirun=True,
+        env=env,
+    )
+    ended = time.time()
+    assert run.proc.returncode == 1, run.output
+    failed_at = float((run.out / "0" / "failed_at").read_text())
+    task0 = next(r for r in run.records if r["task"] == 0)
+    assert task0["status"] == "FAILED"
+    err = task0["error"]
+    assert "ValueError: probe failure on rank" in err and "node 1" in err
+    assert "raise ValueError" in err  # the worker's traceback
+    assert (
+        task0["error_attrs"]["node_rank"] == 1 and task0["error_attrs"]["exc_type"] == "ValueError"
+    )
+    assert all(r["status"] == "FAILED" for r in run.records)
+    assert ended - failed_at < 60, ended - failed_at
+    time.sleep(1)
+    assert processes_with_tag(tag) == []  # nothing left behind on any node
+    return ended - failed_at
+
+
+def preempted_and_requeued(
+    tmp_path: Path, launcher: list[str], env: dict[str, str], signal_job: object
+) -> float:
+    """The preemption signal reaches the workers, they checkpoint, the job is requeued
+    and the next run resumes from the checkpoint and completes."""
+    tag = uuid.uuid4().hex
+    env = {**env, "HTR_TEST_TAG": tag}
+    out = tmp_path / "multi"
+    rec = tmp_path / "recorder.jsonl"
+    cmd = [
+        sys.executable,
+        str(APPS / "requeue_app.py"),
+        "-m",
+        "hydra/callbacks=torchrun",
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        *launcher,
+        "+hydra.callbacks.recorder._target_=recorder.Recorder",
+        f"+hydra.callbacks.recorder.path={rec}",
+        f"hydra.sweep.dir={out}",
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        job_dir = out / "0"
+        deadline = time.monotonic() + 120
+        while len(list(job_dir.glob("started_rank*.json"))) < 4:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "workers never started"
+            time.sleep(0.2)
+        agents = {json.loads(p.read_text())["agent_pid"] for p in job_dir.glob("started_rank*")}
+        signal_job(agents)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, output
+    ckpts = sorted(job_dir.glob("ckpt_rank*.json"))
+    assert len(ckpts) == 4  # every worker got the signal and saved its checkpoint
+    assert all(json.loads(p.read_text())["signal"] == "SIGUSR2" for p in ckpts)
+    final = [r for r in (json.loads(x) for x in rec.read_text().splitlines()) if r["task"] == 0]
+    assert final[-1]["status"] == "COMPLETED", final
+    assert final[-1]["value"]["resumed"] is True and final[-1]["value"]["rank"] == 0
+    time.sleep(1)
+    assert processes_with_tag(tag) == []
+    return wall
+
+
+def signal_agents(agents: set[int]) -> None:
+    """What submitit's local controller does at timeout - signal_delay_s."""
+    for pid in agents:
+        os.kill(pid, signal.SIGUSR2)
