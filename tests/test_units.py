@@ -149,3 +149,71 @@ def test_divert_partial_object_and_restore() -> None:
 def test_divert_refuses_builtins() -> None:
     with pytest.raises(DivertError):
         divert(print, Outcome())
+
+
+# -- cluster detection (pure: fed environment dicts) ------------------------------------
+from hydra_torchrun_callback._placement import derived_port, detect_cluster  # noqa: E402
+
+STEP = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NODELIST": "node[001-002,007],gpu12",
+}
+
+
+def test_srun_step_is_a_cluster_task() -> None:
+    task = detect_cluster(STEP)
+    assert task is not None
+    assert (task.kind, task.job_id, task.num_tasks, task.task_rank) == ("slurm", "77", 2, 1)
+    assert task.hostnames == ("node001", "node002", "node007", "gpu12")
+    assert task.master_addr == "node001"
+
+
+def test_array_job_id() -> None:
+    task = detect_cluster({**STEP, "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"})
+    assert task is not None and task.job_id == "70_3"
+
+
+def test_inherited_allocation_is_not_multinode() -> None:
+    """An salloc shell or a batch script: job-level variables only."""
+    salloc = {"SLURM_JOB_ID": "5", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "n[1-4]"}
+    assert detect_cluster(salloc) is None
+    assert detect_cluster(STEP, "none") is None
+
+
+def test_forced_detection_names_missing_variables() -> None:
+    with pytest.raises(TorchrunOptionError, match="SLURM_PROCID, SLURM_STEP_NUM_TASKS"):
+        detect_cluster({"SLURM_JOB_ID": "5"}, "slurm")
+
+
+def test_submitit_local_task() -> None:
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "4242",
+        "SUBMITIT_LOCAL_GLOBALID": "0",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+    }
+    task = detect_cluster(env)
+    assert task is not None and (task.kind, task.num_tasks, task.master_addr) == (
+        "submitit-local",
+        2,
+        "localhost",
+    )
+
+
+def test_cluster_placement_and_user_overrides() -> None:
+    p = resolve_placement(parse_options({}), STEP, 4)
+    assert (p.node_rank, p.max_nodes, p.run_id) == (1, 2, "job77")
+    assert p.rdzv_endpoint == f"node001:{derived_port('77')}"
+    assert p.rdzv_configs["is_host"] is False
+    mine = resolve_placement(parse_options({"master_port": 4000, "rdzv_id": "x"}), STEP, 1)
+    assert mine.rdzv_endpoint == "node001:4000" and mine.run_id == "x"  # explicit wins
+    with pytest.raises(TorchrunOptionError, match="this job has 2 tasks"):
+        resolve_placement(parse_options({"nnodes": 3}), STEP, 1)
+
+
+def test_derived_ports_differ_between_jobs() -> None:
+    ports = {derived_port(str(j)) for j in range(1000, 1200)}
+    assert len(ports) > 195 and all(15000 <= p < 32000 for p in ports)
+    assert derived_port("1234") == derived_port("1234")
