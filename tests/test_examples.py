@@ -60,3 +60,27 @@ def test_ddp_train_sweep_returns_rank0_loss(tmp_path: Path) -> None:
     losses = [j["value"] for j in jobs]
     assert all(isinstance(v, float) and 0 < v < 2 for v in losses)
     assert losses[0] < losses[1]  # lr=0.1 learns faster in 3 epochs than lr=0.01
+
+
+def test_ddp_train_local_emulation_config(tmp_path: Path) -> None:
+    """conf/ddp_train_local.yaml: 2 emulated nodes x 2 workers per sweep point."""
+    import json
+
+    rec = tmp_path / "rec.jsonl"
+    proc = _run(
+        tmp_path,
+        "ddp_train.py",
+        "--config-name",
+        "ddp_train_local",
+        "-m",
+        "lr=0.1,0.01",
+        "epochs=2",
+        "+hydra.callbacks.recorder._target_=recorder.Recorder",
+        f"+hydra.callbacks.recorder.path={rec}",
+        f"hydra.sweep.dir={tmp_path}/m",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = [json.loads(line) for line in rec.read_text().splitlines()]
+    task0 = [j for j in jobs if j["task"] == 0]
+    assert len(task0) == 2 and all(isinstance(j["value"], float) for j in task0)
+    assert all(j["value"] is None for j in jobs if j["task"] == 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -124,3 +125,30 @@ def test_signalled_job_is_requeued_and_finishes(cluster: SlurmSandbox, tmp_path:
     TIMINGS["USR2 -> requeue -> done"] = sc.preempted_and_requeued(
         tmp_path, SLURM, env, scancel_usr2
     )
+
+
+def test_hello_dist_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> None:
+    from conftest import REPO
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "slurm_examples" / "hello_dist.py"),
+            "-m",
+            *SLURM,
+            "hydra/callbacks=torchrun",
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            f"hydra.sweep.dir={tmp_path}/m",
+        ],
+        cwd=tmp_path,
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = "".join(p.read_text() for p in (tmp_path / "m" / ".submitit").rglob("*_log.out"))
+    for rank in range(4):
+        assert f"[Rank {rank}/4] Hello from distributed PyTorch!" in logs
+    assert "Node: n1" in logs and "Node: n2" in logs
+    assert "[Rank 0] ✓ Collective operation successful!" in logs
