@@ -140,6 +140,11 @@ class TorchrunCallback(Callback):
 
         started = time.time()
         opts = parse_options(job_options(config, self._options))
+        if opts.start_method == "forkserver":
+            from hydra_torchrun_callback._launch import start_forkserver
+
+            # Started first: it imports torch while this process does the rest.
+            start_forkserver(getattr(task_function, "__module__", None))
         nproc = resolve_nproc_per_node(
             opts.nproc_per_node, torch.cuda.device_count(), os.cpu_count() or 1
         )

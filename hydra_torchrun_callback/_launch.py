@@ -180,6 +180,37 @@ def forward_preemption(sig: Optional[signal.Signals]) -> Iterator[None]:
         signal.signal(sig, previous)
 
 
+#: What a preloaded forkserver imports once, so that each worker forked from it skips
+#: the interpreter start and these imports (the bulk of a worker's start-up).
+FORKSERVER_PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "torch.distributed.elastic.multiprocessing.api",
+    "omegaconf",
+    "hydra.core.utils",
+    "cloudpickle",
+    "hydra_torchrun_callback._worker",
+)
+
+
+def start_forkserver(task_module: Optional[str]) -> None:
+    """Start (once per Hydra process) a forkserver preloaded with torch and the task's module.
+
+    It runs in a fresh interpreter that never initialises CUDA, so forking workers from it
+    is CUDA-safe, unlike forking the Hydra process. It lives until the Hydra process
+    exits, so later jobs of a multirun start their workers at once.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    preload = list(FORKSERVER_PRELOAD)
+    if task_module and task_module != "__main__" and task_module in sys.modules:
+        preload.append(task_module)
+    multiprocessing.set_forkserver_preload(preload)
+    with no_main_reimport():
+        forkserver.ensure_running()
+
+
 def _std(spec: StdSpec) -> Any:
     from torch.distributed.elastic.multiprocessing import Std
 
@@ -265,7 +296,7 @@ def launch(
                         signal.signal(signal.SIGTERM, _raise_signal)
                     coord.start_watchdog()
                 try:
-                    values = launch_agent(config, run_worker, [payload])
+                    values = launch_agent(config, run_worker, [payload, dict(os.environ)])
                 except ChildFailedError as err:
                     first = coord.first_failed_rank() if coord is not None else None
                     raise root_cause_error(

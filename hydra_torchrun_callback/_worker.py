@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,33 @@ class WorkerPayload:
     #: by a spawned worker's imports.
     resolvers: dict[str, bytes] = field(default_factory=dict)
 
+
+#: Variables torch's agent sets for each worker: never overwritten from the payload.
+_TORCH_WORKER_KEYS = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ROLE_NAME",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_WORLD_SIZE",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "TORCHELASTIC_ERROR_FILE",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "NCCL_ASYNC_ERROR_HANDLING",
+        "TORCHELASTIC_ENABLE_FILE_TIMER",
+        "TORCHELASTIC_TIMER_FILE",
+        "CUDA_VISIBLE_DEVICES",
+    }
+)
 
 #: Resolvers every worker registers itself (``now`` is pinned to the job start).
 _OWN_RESOLVERS = ("now", "hydra")
@@ -84,7 +112,7 @@ def rank_logging_config(job_logging: dict[str, Any], rank: int) -> dict[str, Any
     return conf
 
 
-def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
+def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> Any:
     """Restore the Hydra job's state in this process; return the task's config."""
     import cloudpickle
     from hydra.core.hydra_config import HydraConfig
@@ -93,6 +121,12 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     from omegaconf.basecontainer import BaseContainer
 
     config = payload.config
+    for key, value in env.items():
+        if key not in _TORCH_WORKER_KEYS:  # torch set those for this very worker
+            os.environ[key] = value
+    if "OMP_NUM_THREADS" in os.environ and "torch" in sys.modules:
+        # torch may have been imported (preloaded) before the variable was set.
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     setup_globals()
     for name, resolver in payload.resolvers.items():
         BaseContainer._resolvers[name] = cloudpickle.loads(resolver)
@@ -149,13 +183,17 @@ def _claim_first_failure(rank: int) -> None:
         pass
 
 
-def run_worker(payload_bytes: bytes) -> Optional[bytes]:
-    """Worker entrypoint: run the task once; rank 0 returns its pickled value."""
+def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Optional[bytes]:
+    """Worker entrypoint: run the task once; rank 0 returns its pickled value.
+
+    ``env`` is the agent's environment at launch: a forkserver started by an earlier
+    job of a multirun holds an older one, so workers take this one.
+    """
     import cloudpickle
 
     payload: WorkerPayload = cloudpickle.loads(payload_bytes)
     rank = int(os.environ["RANK"])
-    task_cfg = _enter_hydra_job(payload, rank)
+    task_cfg = _enter_hydra_job(payload, rank, env or {})
     try:
         value = payload.task(task_cfg)
     except BaseException:

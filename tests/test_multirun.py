@@ -43,3 +43,30 @@ def test_sweep_task_values_and_plus_callbacks(app, tmp_path: Path) -> None:
     assert [r["status"] for r in run.records] == ["COMPLETED", "FAILED"]
     assert "probe failure on rank 1" in run.records[1]["error"]
     assert run.proc.returncode == 1  # Hydra reports the failed job at the end
+
+
+def test_forkserver_reused_across_jobs_sees_each_jobs_env(app) -> None:
+    """The preloaded forkserver outlives job 0; job 1's workers still get job 1's env."""
+    run = app(
+        "hydra.callbacks.torchrun.start_method=forkserver",
+        "hydra.callbacks.torchrun.nproc_per_node=${oc.select:nproc,1}",
+        "+hydra.job.env_set.PROBE_ENV=${oc.select:tag,none}",
+        "+nproc=1,2",
+        "+tag=first,second",
+        multirun=True,
+    )
+    assert run.proc.returncode == 0, run.output
+    envs = {}
+    for job in range(4):
+        for rec in run.rank_files(run.out / str(job)).values():
+            envs.setdefault(job, set()).add(
+                (rec["env"]["PROBE_ENV"], rec["env"]["OMP_NUM_THREADS"])
+            )
+    # Hydra's basic sweeper orders +nproc=1,2 x +tag=first,second as (1,f) (1,s) (2,f) (2,s).
+    assert envs == {
+        0: {("first", None)},
+        1: {("second", None)},
+        2: {("first", "1")},
+        3: {("second", "1")},
+    }
+    assert [r["status"] for r in run.records] == ["COMPLETED"] * 4
