@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 from hydra_torchrun_callback._placement import Placement
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
@@ -42,12 +42,48 @@ JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
 _HEARTBEAT_S = 1.0
 
 
+def _open_store(host: str, port: int, server: bool, timeout: float) -> Any:
+    """Host (node 0) or join the job's TCPStore, within ``timeout`` seconds.
+
+    A client's handshake can block for ever when something else listens on the
+    port (node 0 could not host the store there): the connection is made in a
+    helper thread and abandoned past the deadline.
+    """
+    import torch.distributed as dist
+
+    def connect() -> Any:
+        return dist.TCPStore(  # type: ignore[attr-defined]
+            host_name=host,
+            port=port,
+            world_size=None,
+            is_master=server,
+            timeout=timedelta(seconds=timeout),
+            wait_for_workers=False,
+            multi_tenant=False,
+        )
+
+    if server:
+        return connect()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["store"] = connect()
+        except Exception as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="torchrun-store-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "store" in box:
+        return box["store"]
+    raise box.get("error") or TimeoutError(f"no job store answered at {host}:{port}")
+
+
 class JobCoordinator:
     """This node's handle on the job store (node 0 hosts it)."""
 
-    def __init__(self, placement: Placement, peer_timeout: float, connect_timeout: float = 120.0):
-        import torch.distributed as dist
-
+    def __init__(self, placement: Placement, peer_timeout: float):
         assert placement.cluster is not None
         self.placement = placement
         self.node = placement.node_rank
@@ -56,16 +92,10 @@ class JobCoordinator:
         host, port = placement.rdzv_endpoint.rsplit(":", 1)
         self.prefix = f"hydra_torchrun/{placement.run_id}/"
         self.is_server = self.node == 0
+        # Node 0 may start a little later than the others (imports, scheduling).
+        connect_timeout = 2 * peer_timeout
         try:
-            self.store = dist.TCPStore(  # type: ignore[attr-defined]
-                host_name=host,
-                port=int(port),
-                world_size=None,
-                is_master=self.is_server,
-                timeout=timedelta(seconds=connect_timeout),
-                wait_for_workers=False,
-                multi_tenant=False,
-            )
+            self.store = _open_store(host, int(port), self.is_server, connect_timeout)
         except Exception as exc:
             if self.is_server:
                 raise TorchrunSetupError(
@@ -91,7 +121,7 @@ class JobCoordinator:
         return self.prefix + name
 
     def _set(self, name: str, value: bytes) -> None:
-        self.store.set(self._key(name), value)  # type: ignore[arg-type]
+        self.store.set(self._key(name), value)
 
     def _has(self, name: str) -> bool:
         return bool(self.store.check([self._key(name)]))
@@ -116,7 +146,7 @@ class JobCoordinator:
         if error.rank is not None and error.rank == self.first_failed_rank():
             self._set("failure", blob)
         else:
-            self.store.compare_set(self._key("failure"), "", blob)  # type: ignore[arg-type]
+            self.store.compare_set(self._key("failure"), "", blob)
 
     def failure(self) -> Optional[TorchrunJobError]:
         if not self._has("failure"):

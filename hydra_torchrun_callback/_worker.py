@@ -183,6 +183,27 @@ def _claim_first_failure(rank: int) -> None:
         pass
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent (the agent) dies.
+
+    torch's agent stops its workers when it exits normally or on a signal it can
+    catch; if it is SIGKILLed (node loss, OOM killer) they would be orphaned, blocked
+    in a collective until a 30-minute timeout.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        parent = os.getppid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Optional[bytes]:
     """Worker entrypoint: run the task once; rank 0 returns its pickled value.
 
@@ -191,6 +212,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     """
     import cloudpickle
 
+    die_with_parent()
     payload: WorkerPayload = cloudpickle.loads(payload_bytes)
     rank = int(os.environ["RANK"])
     task_cfg = _enter_hydra_job(payload, rank, env or {})

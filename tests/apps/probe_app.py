@@ -47,6 +47,12 @@ def main(cfg: DictConfig) -> object:
         "attempt": attempt,
         "host": socket.gethostname(),
     }
+    with open(os.path.join(hc.runtime.output_dir, f"started_rank{rank}.json"), "w") as f:
+        json.dump({"agent_pid": os.getppid(), "pid": os.getpid()}, f)
+    if cfg.sleep_before:
+        import time
+
+        time.sleep(cfg.sleep_before)
     for i in range(cfg.log_lines):
         log.info("probe line %d from pid %d", i, os.getpid())
     print(f"probe stdout rank={rank}", flush=True)
@@ -72,6 +78,12 @@ def main(cfg: DictConfig) -> object:
         dist.all_reduce(t)
         record["sum"] = int(t.item())
         record["world"] = dist.get_world_size()
+        if cfg.hang_rank >= 0:
+            # One rank dies without a traceback; the others block in a collective it
+            # will never join: the job must still end, in bounded time.
+            if rank == cfg.hang_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            dist.all_reduce(t)
         dist.destroy_process_group()
     with open(os.path.join(hc.runtime.output_dir, f"rank{rank}.a{attempt}.json"), "w") as f:
         json.dump(record, f)
