@@ -41,15 +41,20 @@ class Sample:
 
 @dataclass
 class System:
+    @staticmethod
+    def _per_job(sample: Sample, attr: str) -> float:
+        value = float(getattr(sample, attr))
+        return value if attr == "rss_mb" else value / sample.jobs
+
     name: str
     group: str  # rows compared with each other share a group
     samples: list[Sample] = field(default_factory=list)
 
     def med(self, attr: str) -> float:
-        return statistics.median(getattr(s, attr) / s.jobs for s in self.samples)
+        return statistics.median(self._per_job(s, attr) for s in self.samples)
 
     def span(self, attr: str) -> str:
-        vals = [getattr(s, attr) / s.jobs for s in self.samples]
+        vals = [self._per_job(s, attr) for s in self.samples]
         return f"{min(vals):.2f}-{max(vals):.2f}"
 
 
@@ -143,7 +148,8 @@ def ours(n: int, *extra: str, multirun: int = 0) -> list[list[str]]:
         *extra,
     ]
     if multirun:
-        cmd += ["-m", "+point=" + ",".join(str(i) for i in range(multirun))]
+        cmd.insert(1, "-m")
+        cmd.append("+point=" + ",".join(str(i) for i in range(multirun)))
     return [cmd]
 
 

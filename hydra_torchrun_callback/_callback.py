@@ -84,9 +84,14 @@ class TorchrunCallback(Callback):
 
     def __init__(self, **options: Any) -> None:
         # Fail at app start on options that can never work (unknown name, bad value).
-        parse_options(options)
+        opts = parse_options(options)
         self._options = options
         self._diversion: Optional[Diversion] = None
+        if opts.start_method == "forkserver" and not inside_torchrun_worker(os.environ):
+            from hydra_torchrun_callback._launch import start_forkserver
+
+            # As early as possible: the server imports torch while Hydra sets the job up.
+            start_forkserver(None)
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
         self._restore()

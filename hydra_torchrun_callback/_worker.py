@@ -8,6 +8,8 @@ payload passed as a process argument, never through a file.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import logging
 import os
@@ -204,6 +206,27 @@ def die_with_parent() -> None:
         pass
 
 
+_task_succeeded = False
+
+
+def _fast_exit() -> None:
+    """atexit: once the task succeeded, skip the interpreter's teardown.
+
+    Registered before the task runs, so it runs after every exit handler the task
+    registered (atexit is last-in, first-out) and before the ones imported libraries
+    registered earlier, whose work it does itself (flush logs and streams). A
+    spawned worker with torch loaded otherwise spends 0.3-0.6 s tearing modules
+    down after its result was already delivered; fork-started children skip it too.
+    """
+    if not _task_succeeded:
+        return  # a failing worker exits normally: nothing is cut short
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Optional[bytes]:
     """Worker entrypoint: run the task once; rank 0 returns its pickled value.
 
@@ -213,6 +236,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     import cloudpickle
 
     die_with_parent()
+    atexit.register(_fast_exit)
     payload: WorkerPayload = cloudpickle.loads(payload_bytes)
     rank = int(os.environ["RANK"])
     task_cfg = _enter_hydra_job(payload, rank, env or {})
@@ -224,10 +248,14 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     finally:
         for handler in logging.getLogger().handlers:
             handler.flush()
+    global _task_succeeded
     if rank != 0:
+        _task_succeeded = True
         return None  # only global rank 0's value becomes the job's return value
     try:
-        return bytes(cloudpickle.dumps(value))
+        data = bytes(cloudpickle.dumps(value))
+        _task_succeeded = True
+        return data
     except Exception as exc:
         raise ReturnValueError(
             f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "
