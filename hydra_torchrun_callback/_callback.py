@@ -84,13 +84,23 @@ class TorchrunCallback(Callback):
 
     def __init__(self, **options: Any) -> None:
         # Fail at app start on options that can never work (unknown name, bad value).
-        opts = parse_options(options)
+        self._early_forkserver = parse_options(options).start_method == "forkserver"
         self._options = options
         self._diversion: Optional[Diversion] = None
-        if opts.start_method == "forkserver" and not inside_torchrun_worker(os.environ):
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start_forkserver_early()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if launcher.endswith("BasicLauncher"):  # jobs run in this very process
+            self._start_forkserver_early()
+
+    def _start_forkserver_early(self) -> None:
+        """The server imports torch while Hydra sets the job up (it has its own core)."""
+        if self._early_forkserver and not inside_torchrun_worker(os.environ):
             from hydra_torchrun_callback._launch import start_forkserver
 
-            # As early as possible: the server imports torch while Hydra sets the job up.
             start_forkserver(None)
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:

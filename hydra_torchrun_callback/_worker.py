@@ -152,10 +152,12 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
             conf = rank_logging_config(conf, rank)
         configure_log(OmegaConf.create(conf), config.hydra.verbose)
 
-    task_cfg = copy.deepcopy(config)
-    with read_write(task_cfg), open_dict(task_cfg):
-        del task_cfg["hydra"]
-    return task_cfg
+    # The unpickled config is this worker's own: HydraConfig keeps a copy of the
+    # hydra node, so the task's config is the same object without it (no deepcopy:
+    # 0.6 s per worker for a 10k-key config).
+    with read_write(config), open_dict(config):
+        del config["hydra"]
+    return config
 
 
 def _claim_first_failure(rank: int) -> None:

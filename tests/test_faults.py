@@ -294,3 +294,62 @@ def test_9_secrets_not_written_by_us(tmp_path: Path) -> None:
     }
     assert new == set()
     assert secret not in run.output
+
+
+# -- the same faults across 2 emulated nodes (submitit_local) ---------------------------
+def test_2_sigkill_on_a_node_multinode(tmp_path: Path) -> None:
+    tag, env = _tagged_env()
+    run = run_app(tmp_path, *LOCAL2, NPROC2, "kill_rank=3", multirun=True, env=env)
+    assert run.proc.returncode == 1, run.output
+    task0 = next(r for r in run.records if r["task"] == 0)
+    assert "SIGKILL" in task0["error"] and "rank 3" in task0["error"]
+    time.sleep(1)
+    assert processes_with_tag(tag) == []
+
+
+def test_2_sigkill_recovered_by_restart_multinode(tmp_path: Path) -> None:
+    run = run_app(
+        tmp_path,
+        *LOCAL2,
+        NPROC2,
+        "kill_rank=3",
+        "fail_attempts=1",
+        "hydra.callbacks.torchrun.max_restarts=1",
+        multirun=True,
+    )
+    assert run.proc.returncode == 0, run.output
+    task0 = next(r for r in run.records if r["task"] == 0)
+    assert task0["value"]["attempt"] == 1 and task0["value"]["sum"] == 6
+
+
+def test_3_hang_after_peer_death_multinode(tmp_path: Path) -> None:
+    start = time.monotonic()
+    run = run_app(tmp_path, *LOCAL2, NPROC2, "hang_rank=2", multirun=True)
+    elapsed = time.monotonic() - start
+    assert run.proc.returncode == 1, run.output
+    assert all(r["status"] == "FAILED" for r in run.records)
+    assert "SIGKILL" in next(r for r in run.records if r["task"] == 0)["error"]
+    assert elapsed < 60
+    FAULT_TIMES["3 peer SIGKILLed in all_reduce, 2 nodes -> sweep returned"] = elapsed
+
+
+def test_5_sigterm_to_a_multinode_job(tmp_path: Path) -> None:
+    """scancel on SLURM / SIGTERM to submitit's local job: every node stops, nothing left."""
+    tag, env = _tagged_env()
+    proc = _popen(tmp_path, env, *LOCAL2, NPROC2, "sleep_before=600", multirun=True)
+    try:
+        started = _wait_started(tmp_path / "multi" / "0", 4, proc)
+        agents = {s["agent_pid"] for s in started}
+        assert len(agents) == 2
+        sent = time.monotonic()
+        for pid in agents:  # what scancel does: SIGTERM to every task
+            os.kill(pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    time.sleep(1)
+    assert processes_with_tag(tag) == []
+    FAULT_TIMES["5 SIGTERM to both nodes -> all processes gone"] = elapsed
