@@ -63,7 +63,7 @@ class TorchrunConf:
     # "none" (always one machine), "slurm" or "submitit" (require it, fail if absent).
     cluster: str = "auto"
     # Seconds without a heartbeat before a peer node counts as lost (multi-node only).
-    peer_timeout: float = 30.0
+    peer_timeout: float = 20.0
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(

@@ -68,7 +68,7 @@ class Options:
     master_port: Optional[int]
     local_addr: Optional[str]
     cluster: str = "auto"
-    peer_timeout: float = 30.0
+    peer_timeout: float = 20.0
 
 
 def _int(option: str, value: Any, minimum: int, example: str) -> int:
@@ -235,7 +235,7 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         master_port=_parse_port(get("master_port")),
         local_addr=None if get("local_addr") in (None, "") else str(get("local_addr")),
         cluster=_choice("cluster", get("cluster") or "auto", CLUSTER_MODES, "none"),
-        peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 30.0), "30"),
+        peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 20.0), "20"),
     )
 
 

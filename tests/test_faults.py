@@ -216,6 +216,7 @@ def test_7_taken_port_multinode_fails_fast(tmp_path: Path) -> None:
             *LOCAL2,
             "hydra.callbacks.torchrun.nproc_per_node=1",
             f"hydra.callbacks.torchrun.master_port={port}",
+            "hydra.callbacks.torchrun.peer_timeout=10",
             multirun=True,
         )
         elapsed = time.monotonic() - start
@@ -279,6 +280,8 @@ def test_9_secrets_not_written_by_us(tmp_path: Path) -> None:
     assert run.proc.returncode == 0, run.output
     leaks = []
     for path in run.out.rglob("*"):
+        if path.name.startswith("rank") and path.suffix == ".json":
+            continue  # the probe task's own record (it dumps HydraConfig, overrides included)
         if (
             path.is_file()
             and ".hydra" not in path.parts
@@ -314,12 +317,23 @@ def test_2_sigkill_recovered_by_restart_multinode(tmp_path: Path) -> None:
         NPROC2,
         "kill_rank=3",
         "fail_attempts=1",
-        "hydra.callbacks.torchrun.max_restarts=1",
+        # each agent counts its own restarts, and a SIGKILL on one node can also fail
+        # the other node's workers (lost gloo peer): allow one restart per node
+        "hydra.callbacks.torchrun.max_restarts=2",
         multirun=True,
     )
     assert run.proc.returncode == 0, run.output
     task0 = next(r for r in run.records if r["task"] == 0)
-    assert task0["value"]["attempt"] == 1 and task0["value"]["sum"] == 6
+    assert task0["status"] == "COMPLETED" and task0["value"]["sum"] == 6
+    # The killed rank's node restarted its group (attempt 1). TORCHELASTIC_RESTART_COUNT is
+    # per agent in torch elastic: a node that restarted only because a peer did keeps 0.
+    files = run.rank_files(run.out / "0")
+    assert any(name.endswith(".a1.json") for name in files), sorted(files)
+    assert {
+        f["sum"]
+        for f in files.values()
+        if f["attempt"] == max(g["attempt"] for g in files.values())
+    } == {6}
 
 
 def test_3_hang_after_peer_death_multinode(tmp_path: Path) -> None:

@@ -152,3 +152,54 @@ def test_hello_dist_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> None:
         assert f"[Rank {rank}/4] Hello from distributed PyTorch!" in logs
     assert "Node: n1" in logs and "Node: n2" in logs
     assert "[Rank 0] ✓ Collective operation successful!" in logs
+
+
+def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) -> None:
+    """Fault 5 on the cluster: scancel stops every node's agent and workers."""
+    import json
+    import uuid
+
+    from conftest import APPS, processes_with_tag
+
+    tag = uuid.uuid4().hex
+    env = {**_env(cluster), "HTR_TEST_TAG": tag}
+    out = tmp_path / "m"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(APPS / "probe_app.py"),
+            "-m",
+            *SLURM,
+            "hydra/callbacks=torchrun",
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            "sleep_before=600",
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "0").glob("started_rank*.json"))) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert len(processes_with_tag(tag)) >= 5  # client + 2 agents + 4 workers (+ steps)
+        jobs = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        sent = time.monotonic()
+        for job in jobs:
+            subprocess.run(["scancel", job], env=env, check=True, timeout=30)
+        proc.communicate(timeout=120)
+        TIMINGS["scancel -> sweep returned"] = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    time.sleep(1)
+    assert processes_with_tag(tag) == []
+    started = [json.loads(p.read_text()) for p in (out / "0").glob("started_rank*.json")]
+    assert len(started) == 4
