@@ -125,13 +125,11 @@ class TorchrunCallback(Callback):
                 # submitit's own verdict (e.g. "not requeued: timed out too many times")
                 # raised by its signal handler while our agent ran: report it as is.
                 outcome.error = exc
-                log.error("%s: %s", type(exc).__name__, exc)
-                self._diversion = divert(task_function, outcome)
-                return
-            outcome.error = TorchrunSetupError(
-                f"launching the torchrun workers failed: {type(exc).__name__}: {exc}"
-            )
-            outcome.error.__cause__ = exc
+            else:
+                outcome.error = TorchrunSetupError(
+                    f"launching the torchrun workers failed: {type(exc).__name__}: {exc}"
+                )
+                outcome.error.__cause__ = exc
         if outcome.error is not None:
             log.error("%s", outcome.error)
         self._diversion = divert(task_function, outcome)

@@ -86,7 +86,6 @@ class Diversion:
     """An armed diversion; :meth:`restore` undoes it (idempotent)."""
 
     token: int
-    _restore: Callable[[], None]
 
     def restore(self) -> None:
         with _lock:
@@ -156,4 +155,4 @@ def divert(task: Any, outcome: Outcome) -> Diversion:
     with _lock:
         restore = _swap(task, token)
         _armed[token] = (outcome, restore)
-    return Diversion(token, restore)
+    return Diversion(token)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
+from hydra_torchrun_callback._proc import alive, descendants
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
 
 __all__ = ["AgentResult", "launch"]
@@ -110,31 +111,13 @@ PREEMPT_GRACE_S = 30.0
 
 def _worker_pids() -> list[int]:
     """This process's live descendants that are workers (not mp's helpers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            with contextlib.suppress(OSError):
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-                if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
-                    found.append(child)
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
+    found = []
+    for pid in descendants(os.getpid()):
         with contextlib.suppress(OSError):
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z":
-                alive.append(pid)
-    return alive
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
+                found.append(pid)
+    return found
 
 
 def preemption_signal(env: Mapping[str, str]) -> Optional[signal.Signals]:
@@ -155,16 +138,16 @@ def forward_preemption(sig: Optional[signal.Signals]) -> Iterator[None]:
     previous = signal.getsignal(sig)
 
     def handler(signum: int, frame: Any) -> None:
-        workers = _alive(_worker_pids())
+        workers = alive(_worker_pids())
         log.warning("got %s: passing it to %d worker(s)", signal.Signals(signum).name, len(workers))
         for pid in workers:
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + PREEMPT_GRACE_S
-        while _alive(workers) and time.monotonic() < deadline:
+        while alive(workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         if callable(previous):
-            for pid in _alive(workers):  # about to exit/requeue: leave nothing behind
+            for pid in alive(workers):  # about to exit/requeue: leave nothing behind
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
             previous(signum, frame)

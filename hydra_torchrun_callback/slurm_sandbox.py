@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra_torchrun_callback._proc import descendants
+
 __all__ = ["SlurmSandbox", "main"]
 
 #: sacct stand-in: submitit polls ``sacct -o JobID,State,NodeList --parsable2 -j IDS``.
@@ -188,19 +190,6 @@ class SlurmSandbox:
             f"SLURM sandbox nodes not idle after {timeout}s; see {self.base / 'log'}"
         )
 
-    def _descendants(self, pid: int) -> list[int]:
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        out, todo = [], [pid]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                out.append(child)
-                todo.append(child)
-        return out
-
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel jobs, stop the daemons we started (by PID) and what they started."""
         env = {**os.environ, **self.env()}
@@ -210,7 +199,7 @@ class SlurmSandbox:
             state = self.base / "run" / "sandbox.json"
             if state.exists():
                 self.pids = {k: int(v) for k, v in json.loads(state.read_text()).items()}
-        tree = [p for pid in self.pids.values() for p in self._descendants(pid)]
+        tree = [p for pid in self.pids.values() for p in descendants(pid)]
         for pid in list(self.pids.values()) + tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

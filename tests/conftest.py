@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ def processes_with_tag(tag: str) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def wait_started(
+    job_dir: Path, count: int, proc: subprocess.Popen[str], timeout: float = 120
+) -> list[dict[str, Any]]:
+    """Wait until ``count`` ranks wrote their started marker; return the markers."""
+    deadline = time.monotonic() + timeout
+    while len(list(job_dir.glob("started_rank*.json"))) < count:
+        assert proc.poll() is None, "the app ended before its workers started"
+        assert time.monotonic() < deadline, "workers never started"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return [json.loads(p.read_text()) for p in job_dir.glob("started_rank*.json")]
 
 
 def app_env(**extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, app_env, processes_with_tag, run_app
+from conftest import APPS, app_env, processes_with_tag, run_app, wait_started
 
 NPROC2 = "hydra.callbacks.torchrun.nproc_per_node=2"
 LOCAL2 = [
@@ -39,18 +39,6 @@ def _report() -> object:
 def _tagged_env(**extra: str) -> tuple[str, dict[str, str]]:
     tag = uuid.uuid4().hex
     return tag, app_env(HTR_TEST_TAG=tag, **extra)
-
-
-def _wait_started(
-    job_dir: Path, count: int, proc: subprocess.Popen[str], timeout: float = 120
-) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while len(list(job_dir.glob("started_rank*.json"))) < count:
-        assert proc.poll() is None, "the app ended before its workers started"
-        assert time.monotonic() < deadline, "workers never started"
-        time.sleep(0.1)
-    time.sleep(0.3)
-    return [json.loads(p.read_text()) for p in job_dir.glob("started_rank*.json")]
 
 
 def _popen(
@@ -120,7 +108,7 @@ def test_4_node_loss_ends_other_nodes(tmp_path: Path) -> None:
         multirun=True,
     )
     try:
-        started = _wait_started(tmp_path / "multi" / "0", 2, proc)
+        started = wait_started(tmp_path / "multi" / "0", 2, proc)
         records = {s["agent_pid"] for s in started}
         # the task that is not node 0: pick the agent whose rank file says RANK 1's parent
         victim = json.loads((tmp_path / "multi" / "0" / "started_rank1.json").read_text())
@@ -147,7 +135,7 @@ def test_5_interrupt_stops_everything(tmp_path: Path, sig: signal.Signals) -> No
     tag, env = _tagged_env()
     proc = _popen(tmp_path, env, NPROC2, "sleep_before=600")
     try:
-        _wait_started(tmp_path / "out", 2, proc)
+        wait_started(tmp_path / "out", 2, proc)
         before = processes_with_tag(tag)
         assert len(before) >= 3  # the Hydra process and its two workers
         sent = time.monotonic()
@@ -352,7 +340,7 @@ def test_5_sigterm_to_a_multinode_job(tmp_path: Path) -> None:
     tag, env = _tagged_env()
     proc = _popen(tmp_path, env, *LOCAL2, NPROC2, "sleep_before=600", multirun=True)
     try:
-        started = _wait_started(tmp_path / "multi" / "0", 4, proc)
+        started = wait_started(tmp_path / "multi" / "0", 4, proc)
         agents = {s["agent_pid"] for s in started}
         assert len(agents) == 2
         sent = time.monotonic()

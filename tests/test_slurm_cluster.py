@@ -156,10 +156,9 @@ def test_hello_dist_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> None:
 
 def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) -> None:
     """Fault 5 on the cluster: scancel stops every node's agent and workers."""
-    import json
     import uuid
 
-    from conftest import APPS, processes_with_tag
+    from conftest import APPS, processes_with_tag, wait_started
 
     tag = uuid.uuid4().hex
     env = {**_env(cluster), "HTR_TEST_TAG": tag}
@@ -182,10 +181,7 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(list((out / "0").glob("started_rank*.json"))) < 4:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        started = wait_started(out / "0", 4, proc)
         assert len(processes_with_tag(tag)) >= 5  # client + 2 agents + 4 workers (+ steps)
         jobs = subprocess.run(
             ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=30
@@ -201,5 +197,4 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
     assert proc.returncode != 0
     time.sleep(1)
     assert processes_with_tag(tag) == []
-    started = [json.loads(p.read_text()) for p in (out / "0").glob("started_rank*.json")]
     assert len(started) == 4
