@@ -2,10 +2,12 @@
 
 Enable it with ``hydra/callbacks=torchrun`` (or ``+callbacks=torchrun``) on the
 command line of any Hydra app; options live at ``hydra.callbacks.torchrun.*``.
+``hydra/launcher=torchrun`` is a drop-in for hydra-torchrun-launcher on the same
+machinery (options at ``hydra.launcher.*``).
 """
 
 from hydra_torchrun_callback._callback import TorchrunAbort, TorchrunCallback
-from hydra_torchrun_callback._config import TorchrunConf
+from hydra_torchrun_callback._config import TorchrunConf, TorchrunLauncherConf
 from hydra_torchrun_callback._options import TorchrunOptionError
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
@@ -16,6 +18,7 @@ __all__ = [
     "TorchrunCallback",
     "TorchrunConf",
     "TorchrunJobError",
+    "TorchrunLauncherConf",
     "TorchrunOptionError",
     "TorchrunSetupError",
     "__version__",

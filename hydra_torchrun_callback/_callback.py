@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -27,6 +28,39 @@ __all__ = ["TorchrunAbort", "TorchrunCallback"]
 log = logging.getLogger("hydra_torchrun_callback")
 
 TARGET = "hydra_torchrun_callback.TorchrunCallback"
+
+
+class JobReport:
+    """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
+
+    def __init__(self, placement: Any, started: float) -> None:
+        from hydra_torchrun_callback._summary import NodeRecords
+
+        self.placement = placement
+        self.started = started
+        self.records = NodeRecords()
+        self.rows: list[dict[str, Any]] = []
+        self.missing_nodes: list[int] = []
+        self.error: Optional[BaseException] = None
+
+    def publish(self, output_dir: str) -> None:
+        """Log the table and save the JSON (nothing when no worker started)."""
+        from hydra_torchrun_callback._summary import build_summary, render_table, write_summary
+
+        rows = self.rows or self.records.rows(self.placement.node_rank, socket.gethostname())
+        if not rows:
+            return
+        summary = build_summary(
+            rows,
+            run_id=self.placement.run_id,
+            nnodes=self.placement.max_nodes,
+            nproc_per_node=self.placement.nproc_per_node,
+            wall_s=time.time() - self.started,
+            error=self.error,
+            missing_nodes=self.missing_nodes,
+        )
+        log.info("%s", render_table(summary))
+        write_summary(summary, output_dir)
 
 
 class TorchrunAbort(BaseException):
@@ -137,6 +171,9 @@ class TorchrunCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self._restore()
 
+    def _job_options(self, config: DictConfig) -> dict[str, Any]:
+        return job_options(config, self._options)
+
     def _restore(self) -> None:
         if self._diversion is not None:
             self._diversion.restore()
@@ -152,7 +189,7 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._worker import WorkerPayload, capture_resolvers
 
         started = time.time()
-        opts = parse_options(job_options(config, self._options))
+        opts = parse_options(self._job_options(config))
         if opts.start_method == "forkserver":
             from hydra_torchrun_callback._launch import start_forkserver
 
@@ -190,10 +227,21 @@ class TorchrunCallback(Callback):
                 "the task's closure and config; create them inside the task."
             ) from exc
         log.info("%s", placement.describe())
-        if placement.cluster is None:
-            data = launch(opts, placement, payload).rank0_payload
-        else:
-            data = self._run_multinode(opts, placement, payload)
+        report = JobReport(placement, started)
+        try:
+            if placement.cluster is None:
+                with self._heartbeat(opts, placement, report.records.alive_ranks):
+                    data = launch(opts, placement, payload, records=report.records).rank0_payload
+                report.rows = report.records.rows(0, socket.gethostname())
+            else:
+                data = self._run_multinode(opts, placement, payload, report)
+        except BaseException as exc:
+            report.error = exc
+            raise
+        finally:
+            if opts.summary and placement.node_rank == 0:
+                report.publish(output_dir)
+            report.records.close()
         if data is None:
             return None
         try:
@@ -204,30 +252,55 @@ class TorchrunCallback(Callback):
                 f"({type(exc).__name__}: {exc}). Fix: return plain data types."
             ) from exc
 
-    def _run_multinode(self, opts: Any, placement: Any, payload: bytes) -> Optional[bytes]:
+    @staticmethod
+    def _heartbeat(opts: Any, placement: Any, alive: Any) -> contextlib.AbstractContextManager[Any]:
+        if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
+            return contextlib.nullcontext()
+        from hydra_torchrun_callback._summary import Heartbeat
+
+        world = placement.max_nodes * placement.nproc_per_node
+        return Heartbeat(opts.heartbeat_interval, world, alive)
+
+    def _run_multinode(
+        self, opts: Any, placement: Any, payload: bytes, report: JobReport
+    ) -> Optional[bytes]:
         """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
         from hydra_torchrun_callback._coordination import JobCoordinator
         from hydra_torchrun_callback._launch import launch
 
         coord = JobCoordinator(placement, opts.peer_timeout)
         node0 = placement.node_rank == 0
+        records = report.records
+
+        def alive() -> list[int]:
+            return records.alive_ranks() + coord.alive_elsewhere()
+
+        def finish() -> list[int]:
+            """Publish this node's rows, say done; node 0 waits for the others' rows."""
+            with contextlib.suppress(Exception):
+                coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
+            coord.mark_done()
+            if not node0:
+                return []
+            missing = coord.wait_all_done(timeout=opts.peer_timeout)
+            report.rows, report.missing_nodes = coord.gather_rows()
+            return missing
+
         try:
             try:
-                data = launch(opts, placement, payload, coord).rank0_payload
+                with self._heartbeat(opts, placement, alive):
+                    data = launch(opts, placement, payload, coord, records).rank0_payload
             except TorchrunJobError as err:
                 if coord.abort_reason is not err:
                     coord.report_failure(err)
                 root = coord.root_cause(err, timeout=10.0)
-                coord.mark_done()
-                if node0:
-                    coord.wait_all_done(timeout=opts.peer_timeout)
+                finish()
                 raise (root or err) from None
             if data is not None:
                 coord.put_result(data)
-            coord.mark_done()
+            missing = finish()
             if not node0:
                 return None  # only node 0's JobReturn carries the job's value
-            missing = coord.wait_all_done(timeout=opts.peer_timeout)
             failure = coord.failure()
             if failure is not None:
                 raise failure

@@ -6,10 +6,10 @@ light: no torch, no submitit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["OPTION_NAMES", "TorchrunConf"]
+__all__ = ["OPTION_NAMES", "TorchrunConf", "TorchrunLauncherConf"]
 
 
 @dataclass
@@ -64,8 +64,64 @@ class TorchrunConf:
     cluster: str = "auto"
     # Seconds without a heartbeat before a peer node counts as lost (multi-node only).
     peer_timeout: float = 20.0
+    # Log a per-rank table (rank, node, host, pid, attempts, exit status, wall time, root
+    # cause) at the end of each job and save it as torchrun_summary.json beside .hydra/.
+    summary: bool = True
+    # Seconds between one-line "ranks alive" reports in the Hydra process log; 0: off.
+    heartbeat_interval: float = 0.0
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(
     name for name in TorchrunConf.__dataclass_fields__ if name != "_target_"
 )
+
+
+@dataclass
+class TorchrunLauncherConf:
+    """``hydra/launcher=torchrun``: the keys of hydra-torchrun-launcher (seed of this
+    project), with its defaults, plus this package's own options.
+
+    Values left at that launcher's defaults mean "decide as the callback does" (a free
+    local port instead of 29500, monitor every 0.1 s instead of 5 s); see the README's
+    migration table.
+    """
+
+    _target_: str = "hydra_plugins.hydra_torchrun_callback.torchrun_launcher.TorchrunLauncher"
+
+    # Number of nodes, "N" or "MIN:MAX".
+    nnodes: str = "1:1"
+    # Workers per node: an int, "auto", "gpu", "cpu".
+    nproc_per_node: str = "1"
+    # Rendezvous backend; "static" with the default master address/port means a free
+    # local port on one machine.
+    rdzv_backend: str = "static"
+    rdzv_endpoint: str = ""
+    # "none": a unique id per job.
+    rdzv_id: str = "none"
+    rdzv_conf: str = ""
+    standalone: bool = False
+    max_restarts: int = 0
+    # 5 (that launcher's default) is read as the callback's 0.1 s.
+    monitor_interval: float = 5
+    start_method: str = "spawn"
+    role: str = "default"
+    # torchrun's script-launch flags: this launcher runs the Hydra task function, so they
+    # must stay at their defaults (a clear error says so otherwise).
+    module: bool = False
+    no_python: bool = False
+    run_path: bool = False
+    log_dir: Optional[str] = None
+    redirects: str = "0"
+    tee: str = "0"
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    local_addr: Optional[str] = None
+    training_script: str = ""
+    training_script_args: list[str] = field(default_factory=list)
+    # This package's own options (see TorchrunConf).
+    local_ranks_filter: str = ""
+    cluster: str = "auto"
+    peer_timeout: float = 20.0
+    summary: bool = True
+    heartbeat_interval: float = 0.0

@@ -17,12 +17,14 @@ or went silent, so no node waits for a collective or rendezvous timeout.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -114,6 +116,7 @@ class JobCoordinator:
         self.worker_env = {JOB_STORE_ENV: f"{host}:{port} {self.prefix}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._alive: Optional[Callable[[], list[int]]] = None
         self._main_pid = os.getpid()
 
     # -- keys -----------------------------------------------------------------
@@ -168,6 +171,35 @@ class JobCoordinator:
                 return failure or own
             time.sleep(_POLL_S)
 
+    def put_rows(self, rows: list[dict[str, Any]]) -> None:
+        """This node's rows of the job summary (read by node 0)."""
+        self._set(f"rows/{self.node}", json.dumps(rows).encode())
+
+    def gather_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Node 0: every node's summary rows, and the nodes that sent none."""
+        rows: list[dict[str, Any]] = []
+        missing = []
+        for node in range(self.nnodes):
+            try:
+                if not self._has(f"rows/{node}"):
+                    missing.append(node)
+                    continue
+                rows.extend(json.loads(self._get(f"rows/{node}")))
+            except Exception:
+                missing.append(node)
+        return rows, missing
+
+    def alive_elsewhere(self) -> list[int]:
+        """Global ranks the other nodes last reported alive (for node 0's heartbeat)."""
+        ranks: list[int] = []
+        for peer in range(self.nnodes):
+            if peer == self.node:
+                continue
+            with contextlib.suppress(Exception):
+                if self._has(f"alive/{peer}"):
+                    ranks.extend(json.loads(self._get(f"alive/{peer}")))
+        return ranks
+
     def mark_done(self) -> None:
         self._set(f"done/{self.node}", b"1")
 
@@ -192,7 +224,10 @@ class JobCoordinator:
         return None
 
     # -- the watchdog -------------------------------------------------------------
-    def start_watchdog(self) -> None:
+    def start_watchdog(self, alive: Optional[Callable[[], list[int]]] = None) -> None:
+        """Watch the other nodes; ``alive`` gives this node's live ranks to publish."""
+        self._alive = alive
+        self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="torchrun-watchdog", daemon=True)
         self._thread.start()
 
@@ -217,6 +252,8 @@ class JobCoordinator:
             try:
                 if now - last_beat >= _HEARTBEAT_S:
                     self.store.add(self._key(f"hb/{self.node}"), 1)
+                    if self._alive is not None:
+                        self._set(f"alive/{self.node}", json.dumps(self._alive()).encode())
                     last_beat = now
                 failure = self.failure()
                 unreachable_since = None

@@ -27,6 +27,7 @@ from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
 from hydra_torchrun_callback._proc import alive, descendants
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
+from hydra_torchrun_callback._summary import NodeRecords
 
 __all__ = ["AgentResult", "launch"]
 
@@ -58,18 +59,38 @@ class AgentResult:
 _NOISY_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
+class _FailureTap(logging.Filter):
+    """Quiet torch's per-failure log record, keeping the exit code it carries.
+
+    torch logs a failed worker's exit code and pid once per failed attempt, also for
+    attempts it then restarts (which ``launch_agent`` never reports): the job summary
+    takes them from here.
+    """
+
+    def __init__(self, records: Optional[NodeRecords]) -> None:
+        super().__init__()
+        self.records = records
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.records is not None and str(record.msg).startswith("failed (exitcode"):
+            args = record.args if isinstance(record.args, tuple) else ()
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                self.records.exit_codes[int(str(args[2]))] = int(str(args[0]))
+        return record.levelno >= logging.CRITICAL
+
+
 @contextlib.contextmanager
-def isolated_process_state() -> Iterator[None]:
-    """Put environment variables, signal handlers and log levels back as they were."""
+def isolated_process_state(records: Optional[NodeRecords] = None) -> Iterator[None]:
+    """Put environment variables, signal handlers and log filters back as they were."""
     env = dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     noisy = logging.getLogger(_NOISY_LOGGER)
-    level = noisy.level
-    noisy.setLevel(logging.CRITICAL)
+    tap = _FailureTap(records)
+    noisy.addFilter(tap)
     try:
         yield
     finally:
-        noisy.setLevel(level)
+        noisy.removeFilter(tap)
         for key in set(os.environ) - set(env):
             del os.environ[key]
         os.environ.update(env)
@@ -242,9 +263,16 @@ def _raise_signal(signum: int, frame: Any) -> None:
 
 
 def launch(
-    opts: Options, placement: Placement, payload: bytes, coord: Optional[JobCoordinator] = None
+    opts: Options,
+    placement: Placement,
+    payload: bytes,
+    coord: Optional[JobCoordinator] = None,
+    records: Optional[NodeRecords] = None,
 ) -> AgentResult:
     """Start this node's agent and workers; return when the worker group is done.
+
+    Workers leave their records (for the job summary) in ``records``' folder; the
+    agent's failure report is added to it.
 
     Raises :class:`TorchrunJobError` with the root cause when a worker failed
     (after ``max_restarts``), ``KeyboardInterrupt``/``SystemExit`` when this
@@ -262,7 +290,7 @@ def launch(
     try:
         for attempt in range(attempts):
             with (
-                isolated_process_state(),
+                isolated_process_state(records),
                 no_main_reimport(),
                 forward_preemption(preemption_signal(os.environ)),
             ):
@@ -273,14 +301,18 @@ def launch(
                 if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
                     os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does
                 config = _launch_config(opts, placement, log_dir)
+                if records is not None:
+                    os.environ.update(records.env)
                 if coord is not None:
                     os.environ.update(coord.worker_env)
                     with contextlib.suppress(ValueError):  # not in the main thread
                         signal.signal(signal.SIGTERM, _raise_signal)
-                    coord.start_watchdog()
+                    coord.start_watchdog(records.alive_ranks if records is not None else None)
                 try:
                     values = launch_agent(config, run_worker, [payload, dict(os.environ)])
                 except ChildFailedError as err:
+                    if records is not None:
+                        records.note_failures(err.failures)
                     first = coord.first_failed_rank() if coord is not None else None
                     raise root_cause_error(
                         err, socket.gethostname(), placement.node_rank, prefer_rank=first

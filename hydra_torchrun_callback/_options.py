@@ -69,6 +69,8 @@ class Options:
     local_addr: Optional[str]
     cluster: str = "auto"
     peer_timeout: float = 20.0
+    summary: bool = True
+    heartbeat_interval: float = 0.0
 
 
 def _int(option: str, value: Any, minimum: int, example: str) -> int:
@@ -236,7 +238,29 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         local_addr=None if get("local_addr") in (None, "") else str(get("local_addr")),
         cluster=_choice("cluster", get("cluster") or "auto", CLUSTER_MODES, "none"),
         peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 20.0), "20"),
+        summary=_bool("summary", get("summary", True)),
+        heartbeat_interval=_heartbeat(get("heartbeat_interval", 0.0)),
     )
+
+
+def _bool(option: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise TorchrunOptionError(option, value, "expected true or false", "false")
+
+
+def _heartbeat(value: Any) -> float:
+    try:
+        number = float(value if value is not None else 0.0)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number != 0 and not number >= 1:
+        raise TorchrunOptionError(
+            "heartbeat_interval", value, "expected 0 (off) or a number of seconds >= 1", "60"
+        )
+    return number
 
 
 def _choice(option: str, value: Any, accepted: tuple[str, ...], example: str) -> str:

@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback._summary import WorkerRecord
+
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
 
@@ -239,25 +241,34 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
 
     die_with_parent()
     atexit.register(_fast_exit)
-    payload: WorkerPayload = cloudpickle.loads(payload_bytes)
+    record = WorkerRecord(os.environ)
     rank = int(os.environ["RANK"])
-    task_cfg = _enter_hydra_job(payload, rank, env or {})
     try:
-        value = payload.task(task_cfg)
-    except BaseException:
-        _claim_first_failure(rank)
+        payload: WorkerPayload = cloudpickle.loads(payload_bytes)
+        task_cfg = _enter_hydra_job(payload, rank, env or {})
+        try:
+            value = payload.task(task_cfg)
+        except BaseException:
+            _claim_first_failure(rank)
+            raise
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+        data = None if rank != 0 else _pickle_return_value(value)
+    except BaseException as exc:
+        record.finish("raised", f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
         raise
-    finally:
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+    record.finish("ok")
     global _task_succeeded
-    if rank != 0:
-        _task_succeeded = True
-        return None  # only global rank 0's value becomes the job's return value
+    _task_succeeded = True
+    return data  # only global rank 0's value becomes the job's return value
+
+
+def _pickle_return_value(value: Any) -> bytes:
+    import cloudpickle
+
     try:
-        data = bytes(cloudpickle.dumps(value))
-        _task_succeeded = True
-        return data
+        return bytes(cloudpickle.dumps(value))
     except Exception as exc:
         raise ReturnValueError(
             f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "

@@ -1,12 +1,13 @@
-"""Hydra discovery entry: registers ``hydra/callbacks=torchrun`` and ``+callbacks=torchrun``.
+"""Hydra discovery entry: registers ``hydra/callbacks=torchrun``, ``+callbacks=torchrun``
+and the drop-in ``hydra/launcher=torchrun``.
 
 Hydra imports every ``hydra_plugins`` module at each app start, so this stays
-thin: it only stores the options dataclass (no torch import).
+thin: it only stores the options dataclasses (no torch import).
 """
 
 from hydra.core.config_store import ConfigStore
 
-from hydra_torchrun_callback._config import TorchrunConf
+from hydra_torchrun_callback._config import TorchrunConf, TorchrunLauncherConf
 
 _cs = ConfigStore.instance()
 # Hydra's own optional group: works even when the app has a `callbacks` group of its own.
@@ -15,3 +16,5 @@ _cs.store(
 )
 # The short form from the docs of most Hydra callbacks.
 _cs.store(group="callbacks", name="torchrun", node=TorchrunConf, package="hydra.callbacks.torchrun")
+# Drop-in for hydra-torchrun-launcher: its keys, on the callback's machinery.
+_cs.store(group="hydra/launcher", name="torchrun", node=TorchrunLauncherConf, provider="torchrun")

@@ -1,0 +1,1 @@
+"""Compatibility with hydra-torchrun-launcher's module path (see ``distributed_launcher``)."""
