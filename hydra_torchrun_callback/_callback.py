@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -186,7 +187,11 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._launch import launch
         from hydra_torchrun_callback._options import resolve_nproc_per_node
         from hydra_torchrun_callback._placement import check_port_free, resolve_placement
-        from hydra_torchrun_callback._worker import WorkerPayload, capture_resolvers
+        from hydra_torchrun_callback._worker import (
+            WorkerPayload,
+            capture_resolvers,
+            describe_main_module,
+        )
 
         started = time.time()
         opts = parse_options(self._job_options(config))
@@ -217,6 +222,7 @@ class TorchrunCallback(Callback):
                     cwd=os.getcwd(),
                     started=started,
                     resolvers=capture_resolvers(),
+                    main_module=describe_main_module(sys.modules.get("__main__")),
                 )
             )
         except Exception as exc:

@@ -42,6 +42,69 @@ class WorkerPayload:
     #: a resolver registered in the app's ``main`` or by a library is not re-registered
     #: by a spawned worker's imports.
     resolvers: dict[str, bytes] = field(default_factory=dict)
+    #: How to load the app's main module in a worker if something asks for it by name
+    #: (``_target_: __main__.MyModel``): ("module", "pkg.app") or ("path", "/x/app.py").
+    main_module: Optional[tuple[str, str]] = None
+
+
+def describe_main_module(main: Any) -> Optional[tuple[str, str]]:
+    """The Hydra process's ``__main__`` as something a worker can import again."""
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None) and spec.name != "__main__":
+        return ("module", str(spec.name))  # python -m pkg.app
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path):
+        return ("path", os.path.abspath(path))
+    return None
+
+
+def _load_main_module(kind: str, target: str) -> Any:
+    """Import the app's main module under another name (its ``__main__`` guard holds),
+    as multiprocessing's spawn does, but only when something asks for it."""
+    import importlib
+    import importlib.util
+
+    if kind == "module":
+        return importlib.import_module(target)
+    if "__mp_main__" in sys.modules and getattr(sys.modules["__mp_main__"], "__file__", None):
+        return sys.modules["__mp_main__"]
+    spec = importlib.util.spec_from_file_location("__mp_main__", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__mp_main__"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["__mp_main__"]
+        raise
+    return module
+
+
+def resolve_main_lazily(main_module: Optional[tuple[str, str]]) -> None:
+    """Let ``__main__.Name`` lookups (Hydra's ``_target_``) find the app's names.
+
+    Workers do not re-run the app's script at start-up (it costs time and breaks
+    scripts without a ``__main__`` guard); a name missing from the worker's own
+    ``__main__`` is looked up in the app's main module, imported on first use.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or main_module is None or "__getattr__" in main.__dict__:
+        return
+    kind, target = main_module
+    loaded: list[Any] = []
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if not loaded:
+            loaded.append(_load_main_module(kind, target))
+        try:
+            return getattr(loaded[0], name)
+        except AttributeError:
+            msg = f"module '__main__' ({target}) has no attribute {name!r}"
+            raise AttributeError(msg) from None
+
+    main.__dict__["__getattr__"] = __getattr__
 
 
 #: Variables torch's agent sets for each worker: never overwritten from the payload.
@@ -132,6 +195,7 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
         # torch may have been imported (preloaded) before the variable was set.
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     setup_globals()
+    resolve_main_lazily(payload.main_module)
     for name, resolver in payload.resolvers.items():
         BaseContainer._resolvers[name] = cloudpickle.loads(resolver)
     # ${now:...} not yet resolved in the Hydra process must still agree with it

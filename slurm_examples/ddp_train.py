@@ -6,11 +6,16 @@ optimise it:
 
     python slurm_examples/ddp_train.py -m lr=0.1,0.01 hydra/callbacks=torchrun \
         hydra.callbacks.torchrun.nproc_per_node=2
+
+or let Optuna search it (conf/ddp_optuna.yaml; each trial is a DDP job):
+
+    python slurm_examples/ddp_train.py --config-name ddp_optuna -m
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import hydra
@@ -70,6 +75,11 @@ def main(cfg: DictConfig) -> float:
         epoch_loss = total / max(batches, 1)
         dist.all_reduce(epoch_loss)
         epoch_loss /= world
+        if not math.isfinite(epoch_loss.item()):
+            # Every rank sees the same reduced loss, so all stop here. Raising (not
+            # returning nan) makes it a failed job: a sweeper such as Optuna records
+            # a failed trial and moves on.
+            raise FloatingPointError(f"loss diverged at epoch {epoch} with lr={cfg.lr}")
         if rank == 0:
             log.info("epoch %d mean loss %.5f", epoch, epoch_loss.item())
     final = float(epoch_loss.item())

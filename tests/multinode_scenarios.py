@@ -47,6 +47,17 @@ def two_point_sweep(tmp_path: Path, launcher: list[str], env: dict[str, str]) ->
         assert task0["status"] == "COMPLETED" and task0["value"]["rank"] == 0
         assert task0["value"]["pid"] == rank0["pid"]
         assert other["status"] == "COMPLETED" and other["value"] is None
+        # One summary per job, written by node 0, with every rank of both nodes.
+        summary = json.loads((run.out / str(job) / "torchrun_summary.json").read_text())
+        assert summary["status"] == "COMPLETED" and summary["world_size"] == 4
+        rows = {row["rank"]: row for row in summary["ranks"]}
+        assert sorted(rows) == [0, 1, 2, 3]
+        for rank, row in rows.items():
+            rec = files[f"rank{rank}.a0.json"]
+            assert (row["pid"], row["host"], row["status"]) == (rec["pid"], rec["host"], "ok")
+        assert {row["node"] for row in rows.values()} == {0, 1}
+        job_log = (run.out / str(job) / "probe_app.log").read_text()
+        assert job_log.count("torchrun job summary: COMPLETED") == 1
     return wall
 
 
@@ -77,6 +88,13 @@ def failure_on_node_1(tmp_path: Path, launcher: list[str], env: dict[str, str]) 
     )
     assert all(r["status"] == "FAILED" for r in run.records)
     assert ended - failed_at < 60, ended - failed_at
+    summary = json.loads((run.out / "0" / "torchrun_summary.json").read_text())
+    root = [row for row in summary["ranks"] if row["root_cause"]]
+    assert summary["status"] == "FAILED" and len(summary["ranks"]) == 4
+    assert [(r["rank"], r["node"], r["status"]) for r in root] == [
+        (task0["error_attrs"]["rank"], 1, "raised")
+    ]
+    assert "probe failure" in root[0]["root_cause"]
     time.sleep(1)
     assert processes_with_tag(tag) == []  # nothing left behind on any node
     return ended - failed_at
@@ -136,3 +154,36 @@ def signal_agents(agents: set[int]) -> None:
     """What submitit's local controller does at timeout - signal_delay_s."""
     for pid in agents:
         os.kill(pid, signal.SIGUSR2)
+
+
+def lightning_two_nodes(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> None:
+    """Lightning's ddp strategy in the workers of 2 nodes x 2 workers: it takes torchrun's
+    environment (no re-spawn, no SLURM disagreement) and writes into the job's dir."""
+    run = run_app(
+        tmp_path,
+        *launcher,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "trainer.devices=2",
+        "trainer.num_nodes=2",
+        "trainer.max_epochs=1",
+        script="lightning_probe.py",
+        multirun=True,
+        env=env,
+    )
+    assert run.proc.returncode == 0, run.output
+    job = run.out / "0"
+    facts = [json.loads((job / f"lightning_rank{r}.json").read_text()) for r in range(4)]
+    assert len({f["pid"] for f in facts}) == 4  # four workers, none spawned by Lightning
+    for rank, f in enumerate(facts):
+        assert f["cluster_env"] == "TorchElasticEnvironment" and f["launcher"] is None
+        assert (f["world_size"], f["global_rank"]) == (4, rank)
+        assert f["env"]["RANK"] == str(rank) and f["env"]["WORLD_SIZE"] == "4"
+        assert f["node_rank"] == int(f["env"]["GROUP_RANK"])
+        assert not any("lightning_probe" in a for a in f["argv"])  # sys.argv never re-run
+    assert {f["node_rank"] for f in facts} == {0, 1}
+    assert facts[0]["log_dir"].startswith(str(job)) and facts[0]["ckpt_dir"].startswith(str(job))
+    assert list((job / "checkpoints").glob("*.ckpt"))
+    assert (job / "lightning_logs" / "version_0" / "metrics.csv").exists()
+    task0 = next(r for r in run.records if r["task"] == 0)
+    assert task0["status"] == "COMPLETED"
+    assert task0["value"] == facts[0]["metrics"] and "val_loss" in task0["value"]

@@ -24,3 +24,7 @@ def test_failure_on_second_node(tmp_path: Path) -> None:
 
 def test_preempted_and_requeued(tmp_path: Path) -> None:
     sc.preempted_and_requeued(tmp_path, LOCAL, app_env(), sc.signal_agents)
+
+
+def test_lightning_on_two_emulated_nodes(tmp_path: Path) -> None:
+    sc.lightning_two_nodes(tmp_path, LOCAL, app_env())
