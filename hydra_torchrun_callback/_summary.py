@@ -130,10 +130,25 @@ class NodeRecords:
         by_rank: dict[int, list[dict[str, Any]]] = {}
         for record in self.records():
             by_rank.setdefault(record["rank"], []).append(record)
+        # The agent restarts the whole group, so every rank had as many attempts as the
+        # node's latest one; a process stopped before its task began left no record.
+        last_attempt = max((r["attempt"] for recs in by_rank.values() for r in recs), default=0)
         rows = []
         for rank, recs in sorted(by_rank.items()):
             recs.sort(key=lambda r: (r["attempt"], r["started"]))
-            history = [self._outcome(r, now) for r in recs]
+            seen = {r["attempt"] for r in recs}
+            history = [self._outcome(r, now) for r in recs] + [
+                {
+                    "attempt": attempt,
+                    "pid": None,
+                    "status": "stopped",
+                    "detail": "stopped before its task started",
+                    "wall_s": 0.0,
+                }
+                for attempt in range(last_attempt + 1)
+                if attempt not in seen
+            ]
+            history.sort(key=lambda h: h["attempt"])
             last = history[-1]
             rows.append(
                 {
@@ -142,7 +157,7 @@ class NodeRecords:
                     "node": node_rank,
                     "host": host,
                     "pid": last["pid"],
-                    "attempts": len(recs),
+                    "attempts": last_attempt + 1,
                     "status": last["status"],
                     "detail": last["detail"],
                     "wall_s": last["wall_s"],
@@ -248,7 +263,7 @@ def render_table(summary: Mapping[str, Any]) -> str:
                 str(row["rank"]),
                 str(row["node"]),
                 _clip(str(row["host"]), 24),
-                str(row["pid"]),
+                "-" if row["pid"] is None else str(row["pid"]),
                 str(row["attempts"]),
                 _clip(_status_cell(row), 28),
                 f"{row['wall_s']:.1f}s",

@@ -88,11 +88,15 @@ def run_app(
     callback: str | None = "hydra/callbacks=torchrun",
     timeout: float = 240,
     env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
 ) -> AppRun:
-    """Run a test app with the callback and the recorder; return what it left."""
+    """Run a test app with the callback and the recorder; return what it left.
+
+    ``flags`` (``--config-dir=...``) go before the overrides: argparse wants them there.
+    """
     rec = tmp_path / "recorder.jsonl"
     out = tmp_path / ("multi" if multirun else "out")
-    cmd = [sys.executable, str(APPS / script)]
+    cmd = [sys.executable, str(APPS / script), *flags]
     if multirun:
         cmd.append("-m")
     if callback:

@@ -159,6 +159,9 @@ def signal_agents(agents: set[int]) -> None:
 def lightning_two_nodes(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> None:
     """Lightning's ddp strategy in the workers of 2 nodes x 2 workers: it takes torchrun's
     environment (no re-spawn, no SLURM disagreement) and writes into the job's dir."""
+    # The probe imports the example by name; submitit's job process must find it too.
+    examples = str(Path(__file__).resolve().parents[1] / "slurm_examples")
+    env = {**env, "PYTHONPATH": os.pathsep.join([examples, env.get("PYTHONPATH", "")])}
     run = run_app(
         tmp_path,
         *launcher,
@@ -173,9 +176,11 @@ def lightning_two_nodes(tmp_path: Path, launcher: list[str], env: dict[str, str]
     assert run.proc.returncode == 0, run.output
     job = run.out / "0"
     facts = [json.loads((job / f"lightning_rank{r}.json").read_text()) for r in range(4)]
-    assert len({f["pid"] for f in facts}) == 4  # four workers, none spawned by Lightning
+    pids = {f["pid"] for f in facts}
+    assert len(pids) == 4 and not pids & {f["ppid"] for f in facts}  # none spawned by a rank
+    assert facts[0]["ppid"] == facts[1]["ppid"] and facts[2]["ppid"] == facts[3]["ppid"]
     for rank, f in enumerate(facts):
-        assert f["cluster_env"] == "TorchElasticEnvironment" and f["launcher"] is None
+        assert f["cluster_env"] == "TorchElasticEnvironment" and not f["lightning_spawns"]
         assert (f["world_size"], f["global_rank"]) == (4, rank)
         assert f["env"]["RANK"] == str(rank) and f["env"]["WORLD_SIZE"] == "4"
         assert f["node_rank"] == int(f["env"]["GROUP_RANK"])

@@ -72,9 +72,8 @@ def test_seed_readme_config_block_works(tmp_path: Path, app) -> None:
         + textwrap.dedent(SEED_BLOCK)
     )
     run = app(
-        f"--config-dir={conf}",
-        "--config-name=seed",
         "log_lines=2",
+        flags=(f"--config-dir={conf}", "--config-name=seed"),
         multirun=True,
         callback=None,
     )

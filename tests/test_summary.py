@@ -6,7 +6,12 @@ import json
 import re
 from pathlib import Path
 
-from hydra_torchrun_callback._summary import build_summary, render_table
+from hydra_torchrun_callback._summary import (
+    NodeRecords,
+    WorkerRecord,
+    build_summary,
+    render_table,
+)
 
 NPROC = "hydra.callbacks.torchrun.nproc_per_node={}"
 GOLDEN = Path(__file__).parent / "golden"
@@ -146,3 +151,37 @@ def test_table_layout_matches_golden() -> None:
         rows, run_id="job42", nnodes=2, nproc_per_node=2, wall_s=13.04, error=err
     )
     assert render_table(summary) + "\n" == (GOLDEN / "summary_table.txt").read_text()
+
+
+def test_rank_stopped_before_it_started_still_counts_the_attempt(monkeypatch) -> None:
+    """The agent restarts the whole group: a rank killed before its task began (no record
+    for that attempt) still shows both attempts, the lost one as stopped with no pid."""
+    node = NodeRecords()
+    try:
+        for rank, attempt, pid in ((1, 0, 101), (0, 1, 200), (1, 1, 201)):
+            env = {
+                "HYDRA_TORCHRUN_RECORDS": node.dir,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            }
+            monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
+            record = WorkerRecord(env)
+            if attempt == 1:  # attempt 0's rank 1 was SIGKILLed mid-task: no outcome written
+                record.finish("ok")
+        node.exit_codes[101] = -9
+        rows = {r["rank"]: r for r in node.rows(0, "hostA")}
+    finally:
+        node.close()
+    assert rows[0]["attempts"] == rows[1]["attempts"] == 2
+    assert [(h["attempt"], h["pid"], h["status"]) for h in rows[0]["history"]] == [
+        (0, None, "stopped")
+    ]
+    assert (rows[0]["pid"], rows[1]["pid"]) == (200, 201)
+    assert [(h["attempt"], h["pid"], h["status"], h["detail"]) for h in rows[1]["history"]] == [
+        (0, 101, "killed", "SIGKILL")
+    ]
+    summary = build_summary(
+        rows.values(), run_id="r", nnodes=1, nproc_per_node=2, wall_s=1.0, error=None
+    )
+    assert "\n   0     0  hostA  200         2  ok" in render_table(summary)

@@ -26,7 +26,8 @@ def probe(trainer: Any, module: Any, pl_testing: bool) -> dict[str, float]:
         "host": socket.gethostname(),
         "argv": sys.argv,
         "cluster_env": type(strategy.cluster_environment).__name__,
-        "launcher": type(strategy.launcher).__name__ if strategy.launcher else None,
+        # Lightning's launcher only spawns when the environment does not create processes.
+        "lightning_spawns": not strategy.cluster_environment.creates_processes_externally,
         "world_size": trainer.world_size,
         "global_rank": trainer.global_rank,
         "node_rank": trainer.node_rank,
