@@ -100,6 +100,17 @@ def test_two_point_sweep_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> 
     assert hosts == {"n1", "n2"}  # every rank ran on its own SLURM node
 
 
+def test_lightning_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> None:
+    """Under SLURM Lightning could pick SLURMEnvironment (1 task per node, so world size 2);
+    it must take torchrun's (world size 4) and agree with the callback."""
+    TIMINGS["Lightning fit, 2 nodes x 2"], facts = sc.lightning_two_nodes(
+        tmp_path, SLURM, _env(cluster)
+    )
+    assert {f["env"]["SLURM_NTASKS"] for f in facts} == {"2"}  # SLURM's view was there
+    assert {f["world_size"] for f in facts} == {4}
+    assert [f["host"] for f in facts] == ["n1", "n1", "n2", "n2"]
+
+
 def test_failure_on_second_node(cluster: SlurmSandbox, tmp_path: Path) -> None:
     TIMINGS["failure: raise -> job returned"] = sc.failure_on_node_1(tmp_path, SLURM, _env(cluster))
 
