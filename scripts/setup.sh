@@ -11,4 +11,5 @@ fi
 python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "torch==2.13.0"
 # A real (non-editable) install: Hydra must discover hydra_plugins/ as users will.
-python -m pip install -q ".[dev,submitit]"
+# The ecosystem extras (Lightning, Optuna, hydra-zen) are what their tests and examples need.
+python -m pip install -q ".[${HTR_EXTRAS:-dev,all}]"
