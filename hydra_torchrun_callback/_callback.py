@@ -236,7 +236,7 @@ class TorchrunCallback(Callback):
         report = JobReport(placement, started)
         try:
             if placement.cluster is None:
-                with self._heartbeat(opts, placement, report.records.alive_ranks):
+                with self._heartbeat(opts, placement, report.records.rank_states):
                     data = launch(opts, placement, payload, records=report.records).rank0_payload
                 report.rows = report.records.rows(0, socket.gethostname())
             else:
@@ -259,13 +259,15 @@ class TorchrunCallback(Callback):
             ) from exc
 
     @staticmethod
-    def _heartbeat(opts: Any, placement: Any, alive: Any) -> contextlib.AbstractContextManager[Any]:
+    def _heartbeat(
+        opts: Any, placement: Any, states: Any
+    ) -> contextlib.AbstractContextManager[Any]:
         if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
             return contextlib.nullcontext()
         from hydra_torchrun_callback._summary import Heartbeat
 
         world = placement.max_nodes * placement.nproc_per_node
-        return Heartbeat(opts.heartbeat_interval, world, alive)
+        return Heartbeat(opts.heartbeat_interval, world, states)
 
     def _run_multinode(
         self, opts: Any, placement: Any, payload: bytes, report: JobReport
@@ -278,8 +280,8 @@ class TorchrunCallback(Callback):
         node0 = placement.node_rank == 0
         records = report.records
 
-        def alive() -> list[int]:
-            return records.alive_ranks() + coord.alive_elsewhere()
+        def states() -> dict[int, str]:
+            return {**coord.states_elsewhere(), **records.rank_states()}
 
         def finish() -> list[int]:
             """Publish this node's rows, say done; node 0 waits for the others' rows."""
@@ -294,7 +296,7 @@ class TorchrunCallback(Callback):
 
         try:
             try:
-                with self._heartbeat(opts, placement, alive):
+                with self._heartbeat(opts, placement, states):
                     data = launch(opts, placement, payload, coord, records).rank0_payload
             except TorchrunJobError as err:
                 if coord.abort_reason is not err:

@@ -24,7 +24,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -116,7 +116,7 @@ class JobCoordinator:
         self.worker_env = {JOB_STORE_ENV: f"{host}:{port} {self.prefix}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._alive: Optional[Callable[[], list[int]]] = None
+        self._states: Optional[Callable[[], Mapping[int, str]]] = None
         self._main_pid = os.getpid()
 
     # -- keys -----------------------------------------------------------------
@@ -189,16 +189,17 @@ class JobCoordinator:
                 missing.append(node)
         return rows, missing
 
-    def alive_elsewhere(self) -> list[int]:
-        """Global ranks the other nodes last reported alive (for node 0's heartbeat)."""
-        ranks: list[int] = []
+    def states_elsewhere(self) -> dict[int, str]:
+        """Rank states the other nodes last published (for node 0's heartbeat)."""
+        states: dict[int, str] = {}
         for peer in range(self.nnodes):
             if peer == self.node:
                 continue
             with contextlib.suppress(Exception):
-                if self._has(f"alive/{peer}"):
-                    ranks.extend(json.loads(self._get(f"alive/{peer}")))
-        return ranks
+                if self._has(f"states/{peer}"):
+                    published = json.loads(self._get(f"states/{peer}"))
+                    states.update({int(rank): str(state) for rank, state in published.items()})
+        return states
 
     def mark_done(self) -> None:
         self._set(f"done/{self.node}", b"1")
@@ -224,9 +225,9 @@ class JobCoordinator:
         return None
 
     # -- the watchdog -------------------------------------------------------------
-    def start_watchdog(self, alive: Optional[Callable[[], list[int]]] = None) -> None:
-        """Watch the other nodes; ``alive`` gives this node's live ranks to publish."""
-        self._alive = alive
+    def start_watchdog(self, states: Optional[Callable[[], Mapping[int, str]]] = None) -> None:
+        """Watch the other nodes; ``states`` gives this node's rank states to publish."""
+        self._states = states
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="torchrun-watchdog", daemon=True)
         self._thread.start()
@@ -252,8 +253,8 @@ class JobCoordinator:
             try:
                 if now - last_beat >= _HEARTBEAT_S:
                     self.store.add(self._key(f"hb/{self.node}"), 1)
-                    if self._alive is not None:
-                        self._set(f"alive/{self.node}", json.dumps(self._alive()).encode())
+                    if self._states is not None:
+                        self._set(f"states/{self.node}", json.dumps(self._states()).encode())
                     last_beat = now
                 failure = self.failure()
                 unreachable_since = None

@@ -307,7 +307,7 @@ def launch(
                     os.environ.update(coord.worker_env)
                     with contextlib.suppress(ValueError):  # not in the main thread
                         signal.signal(signal.SIGTERM, _raise_signal)
-                    coord.start_watchdog(records.alive_ranks if records is not None else None)
+                    coord.start_watchdog(records.rank_states if records is not None else None)
                 try:
                     values = launch_agent(config, run_worker, [payload, dict(os.environ)])
                 except ChildFailedError as err:

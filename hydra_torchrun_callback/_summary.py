@@ -119,10 +119,24 @@ class NodeRecords:
                 found.append(json.loads(path.read_text()))
         return found
 
-    def alive_ranks(self) -> list[int]:
-        return sorted(
-            r["rank"] for r in self.records() if r["status"] == "running" and _pid_alive(r["pid"])
-        )
+    def rank_states(self) -> dict[int, str]:
+        """Each rank's state in the node's latest attempt: alive, ended or starting
+        (no process of this attempt has started its task yet)."""
+        latest: dict[int, dict[str, Any]] = {}
+        for r in self.records():
+            cur = latest.get(r["rank"])
+            if cur is None or (r["attempt"], r["started"]) > (cur["attempt"], cur["started"]):
+                latest[r["rank"]] = r
+        attempt = max((r["attempt"] for r in latest.values()), default=0)
+        states = {}
+        for rank, r in latest.items():
+            if r["attempt"] < attempt:
+                states[rank] = "starting"
+            elif r["status"] == "running" and _pid_alive(r["pid"]):
+                states[rank] = "alive"
+            else:
+                states[rank] = "ended"
+        return states
 
     def rows(self, node_rank: int, host: str, now: Optional[float] = None) -> list[dict[str, Any]]:
         """One row per global rank that ran on this node, from its last process."""
@@ -326,23 +340,29 @@ def rank_ranges(ranks: Iterable[int]) -> str:
 class Heartbeat:
     """Log, every ``interval`` seconds, which ranks are alive (a one-line report)."""
 
-    def __init__(self, interval: float, world_size: int, alive: Callable[[], list[int]]) -> None:
+    def __init__(
+        self, interval: float, world_size: int, states: Callable[[], Mapping[int, str]]
+    ) -> None:
         self.interval = interval
         self.world_size = world_size
-        self.alive = alive
+        self.states = states
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="torchrun-heartbeat", daemon=True)
 
     def line(self) -> str:
-        alive = self.alive()
-        dead = sorted(set(range(self.world_size)) - set(alive))
+        states = self.states()
+        alive = [r for r, state in states.items() if state == "alive"]
+        ended = [r for r, state in states.items() if state == "ended"]
+        starting = [r for r in range(self.world_size) if states.get(r, "starting") == "starting"]
         text = (
             f"torchrun heartbeat: {len(alive)}/{self.world_size} ranks alive "
             f"[{rank_ranges(alive)}] after {time.monotonic() - self.started:.0f}s"
         )
-        if dead:
-            text += f"; not running: [{rank_ranges(dead)}]"
+        if starting:
+            text += f"; starting: [{rank_ranges(starting)}]"
+        if ended:
+            text += f"; ended: [{rank_ranges(ended)}]"
         return text
 
     def _run(self) -> None:

@@ -174,6 +174,7 @@ def lightning_two_nodes(
         "trainer.devices=2",
         "trainer.num_nodes=2",
         "trainer.max_epochs=1",
+        "hydra.callbacks.torchrun.heartbeat_interval=1",
         script="lightning_probe.py",
         multirun=True,
         env=env,
@@ -193,6 +194,8 @@ def lightning_two_nodes(
     assert facts[0]["log_dir"].startswith(str(job)) and facts[0]["ckpt_dir"].startswith(str(job))
     assert list((job / "checkpoints").glob("*.ckpt"))
     assert (job / "lightning_logs" / "version_0" / "metrics.csv").exists()
+    # Node 0's heartbeat covers the other node's ranks too (published through the store).
+    assert "torchrun heartbeat: 4/4 ranks alive [0-3]" in (job / "lightning_probe.log").read_text()
     # One Hydra job per node: a re-run of sys.argv by Lightning would have recorded more.
     assert sorted(r["task"] for r in run.records) == [0, 1]
     task0 = next(r for r in run.records if r["task"] == 0)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from hydra_torchrun_callback._summary import (
+    Heartbeat,
     NodeRecords,
     WorkerRecord,
     build_summary,
@@ -185,3 +186,10 @@ def test_rank_stopped_before_it_started_still_counts_the_attempt(monkeypatch) ->
         rows.values(), run_id="r", nnodes=1, nproc_per_node=2, wall_s=1.0, error=None
     )
     assert "\n   0     0  hostA  200         2  ok" in render_table(summary)
+
+
+def test_heartbeat_line_separates_starting_from_ended() -> None:
+    states = {0: "alive", 1: "ended", 4: "alive", 5: "starting"}
+    line = Heartbeat(60, 6, lambda: states).line()
+    assert line.startswith("torchrun heartbeat: 2/6 ranks alive [0,4] after 0s")
+    assert line.endswith("; starting: [2-3,5]; ended: [1]")
