@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 APPS = REPO / "tests" / "apps"
+EXAMPLES = REPO / "slurm_examples"
 
 
 def processes_with_tag(tag: str) -> list[int]:
@@ -63,6 +64,18 @@ def app_env(**extra: str) -> dict[str, str]:
     env["HYDRA_FULL_ERROR"] = "0"
     env.update(extra)
     return env
+
+
+def run_example(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a shipped example as its README says, from ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=tmp_path,
+        env=app_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @dataclass

@@ -10,15 +10,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, AppRun, app_env, run_app
+from conftest import EXAMPLES, AppRun, app_env, run_app, run_example
 
-EXAMPLES = REPO / "slurm_examples"
 #: One learning rate that trains, one that diverges (the example raises FloatingPointError).
 #: The shipped configs' TPE sampler (seed 0) draws both within its first 3 random trials.
 SPACE = ("lr=choice(0.05,50.0)", "hydra.sweeper.n_trials=3")
@@ -78,6 +76,12 @@ def test_optuna_study_with_trials_on_two_emulated_nodes(tmp_path: Path) -> None:
     assert {r["node"] for r in summary["ranks"]} == {0, 1}
 
 
+def _example(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = run_example(tmp_path, script, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def _lightning_env() -> dict[str, str]:
     env = app_env()
     env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env["PYTHONPATH"]])
@@ -87,23 +91,15 @@ def _lightning_env() -> dict[str, str]:
 def test_lightning_example_fits_in_two_workers(tmp_path: Path) -> None:
     """Seed 001's workflow with no HydraDDP: the example as shipped, one machine."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "lightning_zen.py"),
-            "hydra/callbacks=torchrun",
-            "hydra.callbacks.torchrun.nproc_per_node=2",
-            "trainer.devices=2",
-            "trainer.max_epochs=1",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=tmp_path,
-        env=app_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _example(
+        tmp_path,
+        "lightning_zen.py",
+        "hydra/callbacks=torchrun",
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={out}",
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 of 2 (pid" in proc.stdout
     assert list((out / "checkpoints").glob("epoch=0-step=*.ckpt"))
     assert (out / "lightning_logs" / "version_0" / "metrics.csv").exists()
@@ -136,15 +132,7 @@ def test_lightning_test_flag_in_workers(tmp_path: Path) -> None:
 
 
 def test_hydra_zen_launch_single_and_multirun(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "zen_launch.py"), "--nproc", "3", "--out", "zen"],
-        cwd=tmp_path,
-        env=app_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _example(tmp_path, "zen_launch.py", "--nproc", "3", "--out", "zen")
     jobs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [(j["mode"], j["overrides"], j["status"]) for j in jobs] == [
         ("run", [], "COMPLETED"),

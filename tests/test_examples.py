@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import REPO, app_env
-
-EXAMPLES = REPO / "slurm_examples"
-
-
-def _run(tmp_path: Path, script: str, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *overrides],
-        cwd=tmp_path,
-        env=app_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from conftest import run_example as _run
 
 
 def test_hello_dist_parity(tmp_path: Path) -> None:

@@ -135,17 +135,7 @@ def test_key_mapping() -> None:
         "master_port": None,
     }
     # Anything set on purpose is kept, e.g. a manual two-node static rendezvous.
-    manual = launcher_options(
-        {
-            "nnodes": "2",
-            "node_rank": 1,
-            "rdzv_backend": "static",
-            "master_addr": "10.0.0.1",
-            "master_port": 29600,
-            "monitor_interval": 1,
-        }
-    )
-    assert manual == {
+    manual = {
         "nnodes": "2",
         "node_rank": 1,
         "rdzv_backend": "static",
@@ -153,5 +143,6 @@ def test_key_mapping() -> None:
         "master_port": 29600,
         "monitor_interval": 1,
     }
+    assert launcher_options(manual) == manual
     with pytest.raises(TorchrunOptionError, match=r"hydra\.launcher\.max_restarts=-1"):
         launcher_options({"max_restarts": -1})
