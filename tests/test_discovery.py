@@ -97,6 +97,34 @@ def test_wheel_install_is_discovered(wheel_site: Path, tmp_path: Path, override:
     ]
 
 
+def test_wheel_install_provides_the_launcher(wheel_site: Path, tmp_path: Path) -> None:
+    """``hydra/launcher=torchrun`` and the seed launcher's ``_target_`` come with the wheel."""
+    seed_module = wheel_site / "hydra_plugins" / "hydra_torchrun_launcher"
+    assert (seed_module / "distributed_launcher.py").exists()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(APPS / "probe_app.py"),
+            "-m",
+            "hydra/launcher=torchrun",
+            "hydra.launcher.nproc_per_node=2",
+            "hydra.launcher._target_=hydra_plugins.hydra_torchrun_launcher."
+            "distributed_launcher.TorchDistributedLauncher",
+            f"hydra.sweep.dir={tmp_path / 'multi'}",
+        ],
+        env=_env(wheel_site),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "multi" / "0").glob("rank*.json")) == [
+        "rank0.a0.json",
+        "rank1.a0.json",
+    ]
+
+
 BLOCKER = """
 # Hide the plugin from Hydra's scan (as an editable install's import hook does).
 import pkgutil
