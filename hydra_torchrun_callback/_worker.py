@@ -319,6 +319,9 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
             for handler in logging.getLogger().handlers:
                 handler.flush()
         data = None if rank != 0 else _pickle_return_value(value)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: not the task's fault
+        record.finish("interrupted", "SIGINT")
+        raise
     except BaseException as exc:
         record.finish("raised", f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
         raise

@@ -123,6 +123,9 @@ def test_4_node_loss_ends_other_nodes(tmp_path: Path) -> None:
     assert proc.returncode == 1, output
     survivors = [r for r in _records(tmp_path) if r["status"] == "FAILED"]
     assert survivors and "stopped sending heartbeats" in survivors[0]["error"]
+    summary = json.loads((tmp_path / "multi" / "0" / "torchrun_summary.json").read_text())
+    assert (summary["status"], summary["missing_nodes"]) == ("FAILED", [1])
+    assert "stopped sending heartbeats" in summary["root_cause"]
     assert elapsed < 60
     time.sleep(1)
     assert processes_with_tag(tag) == []  # the dead node's workers died with it
@@ -147,6 +150,11 @@ def test_5_interrupt_stops_everything(tmp_path: Path, sig: signal.Signals) -> No
             proc.kill()
     assert proc.returncode != 0
     assert "interrupted" in output.lower() or proc.returncode in (130, 143, -sig), output
+    summary = json.loads((tmp_path / "out" / "torchrun_summary.json").read_text())
+    assert summary["status"] == "INTERRUPTED"
+    # Ctrl-C reaches the workers too (one process group); SIGTERM goes to the Hydra process.
+    state = "interrupted" if sig == signal.SIGINT else "stopped"
+    assert [(r["rank"], r["status"]) for r in summary["ranks"]] == [(0, state), (1, state)]
     time.sleep(0.5)
     assert processes_with_tag(tag) == []  # orphans = 0
     FAULT_TIMES[f"5 {sig.name} -> all processes gone"] = elapsed
