@@ -17,4 +17,4 @@ fi
 ruff check .
 ruff format --check .
 mypy
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
