@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra_torchrun_callback._summary import (
@@ -13,6 +15,8 @@ from hydra_torchrun_callback._summary import (
     build_summary,
     render_table,
 )
+
+from conftest import app_env
 
 NPROC = "hydra.callbacks.torchrun.nproc_per_node={}"
 GOLDEN = Path(__file__).parent / "golden"
@@ -193,3 +197,30 @@ def test_heartbeat_line_separates_starting_from_ended() -> None:
     line = Heartbeat(60, 6, lambda: states).line()
     assert line.startswith("torchrun heartbeat: 2/6 ranks alive [0,4] after 0s")
     assert line.endswith("; starting: [2-3,5]; ended: [1]")
+
+
+def test_sweep_inspected_afterwards(app) -> None:
+    """``python -m hydra_torchrun_callback.summary DIR``: one line per job of a sweep."""
+    run = app(NPROC.format(2), "fail_rank=-1,1", multirun=True)
+    assert run.proc.returncode == 1  # job 1 failed
+    cli = [sys.executable, "-m", "hydra_torchrun_callback.summary", str(run.out)]
+    proc = subprocess.run(cli, capture_output=True, text=True, env=app_env(), timeout=60)
+    assert proc.returncode == 1, proc.stderr  # not every job completed
+    head, columns, job0, job1 = proc.stdout.splitlines()
+    assert head == "2 job(s): 1 COMPLETED, 1 FAILED"
+    assert columns.split()[:3] == ["job", "overrides", "status"]
+    assert job0.split()[:5] == ["0", "fail_rank=-1", "COMPLETED", "1", "x"]
+    assert job1.split()[:3] == ["1", "fail_rank=1", "FAILED"]
+    assert job1.endswith("rank 1: ValueError: probe failure on rank 1 attempt 0")
+    as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, env=app_env())
+    jobs = json.loads(as_json.stdout)
+    assert [(j["job"], j["status"], j["root_cause_rank"]) for j in jobs] == [
+        ("0", "COMPLETED", None),
+        ("1", "FAILED", 1),
+    ]
+    ranks = subprocess.run([*cli, "--ranks"], capture_output=True, text=True, env=app_env())
+    assert ranks.stdout.count("torchrun job summary:") == 2
+    ok = subprocess.run(
+        [*cli[:-1], str(run.out / "0")], capture_output=True, text=True, env=app_env()
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("1 job(s): 1 COMPLETED")

@@ -1,0 +1,112 @@
+"""Inspect a run or a sweep afterwards: one line per job from its ``torchrun_summary.json``.
+
+    python -m hydra_torchrun_callback.summary multirun/2026-11-22/12-00-00
+    python -m hydra_torchrun_callback.summary outputs/ --ranks     # each job's rank table too
+    python -m hydra_torchrun_callback.summary multirun/... --json  # for scripts
+
+Exit status: 0 when every job found COMPLETED, 1 when some did not, 2 when none was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hydra_torchrun_callback._summary import SUMMARY_FILE, render_table
+
+__all__ = ["collect", "main"]
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    try:
+        found = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in found] if isinstance(found, list) else []
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Every job summary under ``root`` (a job dir, a sweep dir or a whole outputs tree)."""
+    jobs = []
+    for path in sorted(root.rglob(SUMMARY_FILE)):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        job_dir = path.parent
+        name = str(job_dir.relative_to(root)) if job_dir != root else "."
+        jobs.append({"job": name, "overrides": _overrides(job_dir), **summary})
+    return jobs
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _root_cause(job: dict[str, Any]) -> str:
+    """ "rank 1: ValueError: boom" when a rank is to blame, else the error's first line."""
+    rank = job.get("root_cause_rank")
+    for row in job["ranks"]:
+        if rank is not None and row["rank"] == rank and row.get("root_cause"):
+            return f"rank {rank}: {row['root_cause']}"
+    return str(job["root_cause"] or "").split("\n", 1)[0]
+
+
+def jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
+    columns = ("job", "overrides", "status", "nodes x workers", "wall", "attempts", "root cause")
+    lines = [
+        (
+            job["job"],
+            _clip(" ".join(job["overrides"]), 40),
+            job["status"],
+            f"{job['nnodes']} x {job['nproc_per_node']}",
+            f"{job['wall_s']:.1f}s",
+            str(max((r["attempts"] for r in job["ranks"]), default=0)),
+            _clip(_root_cause(job), 70),
+        )
+        for job in jobs
+    ]
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    counts = Counter(job["status"] for job in jobs)
+    head = f"{len(jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    body = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip()
+        for line in [columns, *lines]
+    ]
+    return "\n".join([head, *body])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hydra_torchrun_callback.summary",
+        description="One line per job from the torchrun_summary.json files under a directory.",
+    )
+    parser.add_argument("root", type=Path, help="a job, sweep or outputs directory")
+    parser.add_argument("--ranks", action="store_true", help="also print each job's rank table")
+    parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a directory")
+    jobs = collect(args.root)
+    if not jobs:
+        print(f"no {SUMMARY_FILE} under {args.root} (was summary=false?)", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        print(jobs_table(jobs))
+        if args.ranks:
+            for job in jobs:
+                print(f"\n{job['job']}: " + render_table(job))
+    return 0 if all(job["status"] == "COMPLETED" for job in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
