@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from hydra_torchrun_callback._placement import Placement
-from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError, job_error
 
 __all__ = ["JobCoordinator"]
 
@@ -39,6 +39,8 @@ _POLL_S = 0.25
 #: Key a failing worker claims (compare_set) before its exception propagates: peers
 #: only fail after it, so the claim orders the root cause before any consequence.
 FIRST_FAILED_KEY = "first_failed_rank"
+#: What the claiming worker raised (JSON), written right after its claim.
+FIRST_FAILURE_KEY = "first_failure"
 #: Environment variable telling workers where to claim it: "host:port prefix".
 JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
 _HEARTBEAT_S = 1.0
@@ -157,17 +159,41 @@ class JobCoordinator:
         err = pickle.loads(self._get("failure"))
         return err if isinstance(err, TorchrunJobError) else None
 
+    def claimed_failure(self) -> Optional[TorchrunJobError]:
+        """The first failure as its worker described it (no agent needed)."""
+        if not self._has(FIRST_FAILURE_KEY):
+            return None
+        d = json.loads(self._get(FIRST_FAILURE_KEY))
+        return job_error(
+            rank=int(d["rank"]),
+            local_rank=int(d["local_rank"]),
+            node=str(d["node"]),
+            node_rank=int(d["node_rank"]),
+            what=f"raised {d['exc_type']}: {d['exc_message']}",
+            exc_type=str(d["exc_type"]),
+            exc_message=str(d["exc_message"]),
+            traceback=str(d["traceback"]),
+            exitcode=1,  # what torch's @record makes of a raised exception
+        )
+
     def root_cause(
-        self, own: Optional[TorchrunJobError], timeout: float
+        self, own: Optional[TorchrunJobError], timeout: float, grace: float = 2.0
     ) -> Optional[TorchrunJobError]:
-        """The job's root cause: the claimed first failure's details once its node has
-        published them (bounded wait), else the first failure published, else ours."""
-        deadline = time.monotonic() + timeout
+        """The job's root cause: the claimed first failure as its node's agent published
+        it; after ``grace`` seconds without that, as its worker described it (its agent
+        may have been stopped first); else the first failure published, else ours."""
+        start = time.monotonic()
         while True:
             first, failure = self.first_failed_rank(), self.failure()
             if failure is not None and (first is None or failure.rank == first):
                 return failure
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - start
+            if first is not None and waited >= grace:
+                with contextlib.suppress(Exception):
+                    claimed = self.claimed_failure()
+                    if claimed is not None and claimed.rank == first:
+                        return claimed
+            if waited >= timeout:
                 return failure or own
             time.sleep(_POLL_S)
 

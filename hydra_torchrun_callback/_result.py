@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["TorchrunJobError", "TorchrunSetupError", "root_cause_error"]
+__all__ = ["TorchrunJobError", "TorchrunSetupError", "job_error", "root_cause_error"]
 
 
 class TorchrunJobError(RuntimeError):
@@ -84,23 +85,50 @@ def root_cause_error(
     else:
         what = f"exited with code {failure.exitcode}: {message}"
     others = sorted(r for r in err.failures if r != rank)
+    return job_error(
+        rank=rank,
+        local_rank=failure.local_rank,
+        node=node,
+        node_rank=node_rank,
+        what=what,
+        exc_type=exc_type,
+        exc_message=exc_message,
+        traceback=traceback,
+        exitcode=failure.exitcode,
+        others=others,
+    )
+
+
+def job_error(
+    *,
+    rank: int,
+    local_rank: int,
+    node: str,
+    node_rank: int,
+    what: str,
+    exc_type: Optional[str] = None,
+    exc_message: Optional[str] = None,
+    traceback: Optional[str] = None,
+    exitcode: Optional[int] = None,
+    others: Sequence[int] = (),
+) -> TorchrunJobError:
+    """The job's error in its one format: who failed, where, what, and the traceback."""
     text = (
-        f"torchrun worker rank {rank} (local rank {failure.local_rank}, node {node_rank} "
-        f"on {node}) {what}"
+        f"torchrun worker rank {rank} (local rank {local_rank}, node {node_rank} on {node}) {what}"
     )
     if others:
-        text += f"\n(ranks {others} also failed; rank {rank} failed first: the root cause)"
+        text += f"\n(ranks {list(others)} also failed; rank {rank} failed first: the root cause)"
     if traceback:
         traceback = str(traceback).replace("Traceback (most recent call last):\n", "", 1)
         text += "\n\nWorker traceback (most recent call last):\n" + str(traceback).rstrip()
     return TorchrunJobError(
         text,
         rank=rank,
-        local_rank=failure.local_rank,
+        local_rank=local_rank,
         node=node,
         exc_type=exc_type,
         exc_message=exc_message,
         traceback=traceback,
-        exitcode=failure.exitcode,
+        exitcode=exitcode,
         node_rank=node_rank,
     )

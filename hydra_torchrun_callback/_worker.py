@@ -226,15 +226,21 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
     return config
 
 
-def _claim_first_failure(rank: int) -> None:
-    """Multi-node: record in the job store that this rank failed, if none did before.
+def _claim_first_failure(rank: int, exc: BaseException) -> None:
+    """Multi-node: record in the job store that this rank failed, if none did before,
+    and if so what it raised.
 
     Runs before the exception leaves this process, so it precedes every failure
-    it causes in other ranks (they fail once this process is gone)."""
+    it causes in other ranks (they fail once this process is gone). The details let
+    node 0 name the root cause even when this node's agent is stopped (by the other
+    nodes' failures) before it can report it."""
     spec = os.environ.get("HYDRA_TORCHRUN_JOB_STORE")
     if not spec:
         return
     try:
+        import json
+        import socket
+        import traceback
         from datetime import timedelta
 
         import torch.distributed as dist
@@ -248,7 +254,18 @@ def _claim_first_failure(rank: int) -> None:
             timeout=timedelta(seconds=5),
             wait_for_workers=False,
         )
-        store.compare_set(prefix + "first_failed_rank", "", str(rank))
+        holder = store.compare_set(prefix + "first_failed_rank", "", str(rank))
+        if bytes(holder).decode() == str(rank):
+            detail = {
+                "rank": rank,
+                "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                "node_rank": int(os.environ.get("GROUP_RANK", 0)),
+                "node": socket.gethostname(),
+                "exc_type": type(exc).__name__,
+                "exc_message": str(exc),
+                "traceback": traceback.format_exc(),
+            }
+            store.set(prefix + "first_failure", json.dumps(detail))
     except Exception:  # never mask the task's own error
         pass
 
@@ -312,8 +329,8 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
         task_cfg = _enter_hydra_job(payload, rank, env or {})
         try:
             value = payload.task(task_cfg)
-        except BaseException:
-            _claim_first_failure(rank)
+        except BaseException as exc:
+            _claim_first_failure(rank, exc)
             raise
         finally:
             for handler in logging.getLogger().handlers:
