@@ -146,12 +146,20 @@ class JobCoordinator:
 
     def report_failure(self, error: TorchrunJobError) -> None:
         """Publish this node's failure. The root cause (the rank that claimed the first
-        failure) always wins; any other failure only fills an empty slot."""
+        failure) always wins the job's slot; any other failure only fills an empty one.
+        Each node's own report is kept too: it is the last word on that node's ranks."""
         blob = pickle.dumps(error)
+        self._set(f"failure/{self.node}", blob)
         if error.rank is not None and error.rank == self.first_failed_rank():
             self._set("failure", blob)
         else:
             self.store.compare_set(self._key("failure"), "", blob)
+
+    def _node_failure(self, node: int) -> Optional[TorchrunJobError]:
+        if not self._has(f"failure/{node}"):
+            return None
+        err = pickle.loads(self._get(f"failure/{node}"))
+        return err if isinstance(err, TorchrunJobError) else None
 
     def failure(self) -> Optional[TorchrunJobError]:
         if not self._has("failure"):
@@ -179,19 +187,27 @@ class JobCoordinator:
     def root_cause(
         self, own: Optional[TorchrunJobError], timeout: float, grace: float = 2.0
     ) -> Optional[TorchrunJobError]:
-        """The job's root cause: the claimed first failure as its node's agent published
-        it; after ``grace`` seconds without that, as its worker described it (its agent
-        may have been stopped first); else the first failure published, else ours."""
+        """The job's root cause, waiting at most ``timeout`` seconds for it.
+
+        The rank that claimed the first failure names the node to ask: that node's agent
+        report is the last word (it knows whether a rank of its own was SIGKILLed before
+        the claimer raised). If the node sends none within ``grace`` (its agent was
+        stopped by another node's failure first), the claimer's own description is used.
+        Without a claim: the first failure published, else ours."""
         start = time.monotonic()
         while True:
             first, failure = self.first_failed_rank(), self.failure()
             if failure is not None and (first is None or failure.rank == first):
                 return failure
             waited = time.monotonic() - start
-            if first is not None and waited >= grace:
-                with contextlib.suppress(Exception):
-                    claimed = self.claimed_failure()
-                    if claimed is not None and claimed.rank == first:
+            with contextlib.suppress(Exception):
+                claimed = self.claimed_failure() if first is not None else None
+                if claimed is not None and claimed.rank == first:
+                    assert claimed.node_rank is not None
+                    report = self._node_failure(claimed.node_rank)
+                    if report is not None:
+                        return report
+                    if waited >= grace:
                         return claimed
             if waited >= timeout:
                 return failure or own

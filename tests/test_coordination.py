@@ -20,16 +20,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def node0() -> JobCoordinator:
+def _coordinator(node: int, port: int) -> JobCoordinator:
     env = {
         "SUBMITIT_EXECUTOR": "local",
         "SUBMITIT_LOCAL_JOB_ID": "777",
-        "SUBMITIT_LOCAL_GLOBALID": "0",
+        "SUBMITIT_LOCAL_GLOBALID": str(node),
         "SUBMITIT_LOCAL_NTASKS": "2",
     }
-    placement = resolve_placement(parse_options({"master_port": _free_port()}), env, 1)
+    placement = resolve_placement(parse_options({"master_port": port}), env, 1)
     return JobCoordinator(placement, peer_timeout=5)
+
+
+@pytest.fixture
+def nodes() -> tuple[JobCoordinator, JobCoordinator]:
+    """Node 0 (hosts the store) and node 1 (a client), as two submitit-local tasks."""
+    port = _free_port()
+    return _coordinator(0, port), _coordinator(1, port)
 
 
 def _diverge() -> None:
@@ -37,11 +43,12 @@ def _diverge() -> None:
 
 
 def test_root_cause_from_the_claiming_worker_when_its_agent_never_reports(
-    node0: JobCoordinator, monkeypatch: pytest.MonkeyPatch
+    nodes: tuple[JobCoordinator, JobCoordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every rank raised at once; rank 0 claimed first, but node 0's agent was stopped by
     node 1's report before it could publish its own: node 0 still names rank 0, from what
     rank 0's worker wrote beside its claim, after a short grace instead of the full wait."""
+    node0, node1 = nodes
     for key, value in node0.worker_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -54,8 +61,9 @@ def test_root_cause_from_the_claiming_worker_when_its_agent_never_reports(
         raise ValueError("late")
     except ValueError as exc:
         _claim_first_failure(1, exc)  # too late: neither the claim nor the details change
-    node1 = job_error(rank=1, local_rank=0, node="n2", node_rank=1, what="raised ValueError: late")
-    node0.report_failure(node1)
+    node1.report_failure(
+        job_error(rank=1, local_rank=0, node="n2", node_rank=1, what="raised ValueError: late")
+    )
 
     start = time.monotonic()
     root = node0.root_cause(None, timeout=10, grace=0.5)
@@ -68,15 +76,28 @@ def test_root_cause_from_the_claiming_worker_when_its_agent_never_reports(
     assert "in _diverge" in (root.traceback or "")
 
 
-def test_root_cause_prefers_the_agents_report(node0: JobCoordinator, monkeypatch) -> None:
-    """When the claimer's own node reports in time, its (agent-built) error is used at once."""
-    for key, value in node0.worker_env.items():
+def test_claimers_node_report_wins_over_the_claim(
+    nodes: tuple[JobCoordinator, JobCoordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 2 was SIGKILLed (a killed process claims nothing); rank 3, beside it on node 1,
+    then raised in gloo and claimed first. Node 1's agent saw both and blames rank 2; that
+    report is used at once, though node 0's consequence filled the job's slot first."""
+    node0, node1 = nodes
+    for key, value in node1.worker_env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GROUP_RANK", "1")
     try:
-        _diverge()
-    except FloatingPointError as exc:
-        _claim_first_failure(1, exc)
-    agent_view = job_error(rank=1, local_rank=0, node="n2", node_rank=1, what="raised X: y")
-    node0.report_failure(agent_view)
-    root = node0.root_cause(None, timeout=10, grace=5)
-    assert root is not None and str(root) == str(agent_view)
+        raise RuntimeError("Connection closed by peer")
+    except RuntimeError as exc:
+        _claim_first_failure(3, exc)
+    consequence = job_error(rank=0, local_rank=0, node="n1", node_rank=0, what="raised X: y")
+    node0.report_failure(consequence)
+    killed = job_error(
+        rank=2, local_rank=0, node="n2", node_rank=1, what="was killed by SIGKILL", exitcode=-9
+    )
+    node1.report_failure(killed)
+    start = time.monotonic()
+    root = node0.root_cause(consequence, timeout=10, grace=5)
+    assert time.monotonic() - start < 2
+    assert root is not None and (root.rank, root.exitcode) == (2, -9)
+    assert "SIGKILL" in str(root)
