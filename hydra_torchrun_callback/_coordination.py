@@ -29,7 +29,12 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from hydra_torchrun_callback._placement import Placement
-from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError, job_error
+from hydra_torchrun_callback._result import (
+    TorchrunJobError,
+    TorchrunSetupError,
+    is_crash,
+    job_error,
+)
 
 __all__ = ["JobCoordinator"]
 
@@ -185,33 +190,60 @@ class JobCoordinator:
         )
 
     def root_cause(
-        self, own: Optional[TorchrunJobError], timeout: float, grace: float = 2.0
+        self,
+        own: Optional[TorchrunJobError],
+        timeout: float,
+        grace: float = 2.0,
+        settle: float = 1.0,
     ) -> Optional[TorchrunJobError]:
         """The job's root cause, waiting at most ``timeout`` seconds for it.
 
-        The rank that claimed the first failure names the node to ask: that node's agent
-        report is the last word (it knows whether a rank of its own was SIGKILLed before
-        the claimer raised). If the node sends none within ``grace`` (its agent was
-        stopped by another node's failure first), the claimer's own description is used.
-        Without a claim: the first failure published, else ours."""
+        A crashed worker (killed by a signal, reported by its node's agent) comes first:
+        it could not claim anything, and its peers' errors follow from it, so every
+        answer waits ``settle`` seconds for such a report. Otherwise the rank that
+        claimed the first failure names the node to ask: that node's agent report is the
+        last word; if it sends none within ``grace`` (its agent was stopped by another
+        node's failure first), the claimer's own description is used. Without a claim:
+        the first failure published, else ours."""
         start = time.monotonic()
+        answer: Optional[TorchrunJobError] = None
+        answered_at = 0.0
         while True:
-            first, failure = self.first_failed_rank(), self.failure()
-            if failure is not None and (first is None or failure.rank == first):
-                return failure
             waited = time.monotonic() - start
-            with contextlib.suppress(Exception):
-                claimed = self.claimed_failure() if first is not None else None
-                if claimed is not None and claimed.rank == first:
-                    assert claimed.node_rank is not None
-                    report = self._node_failure(claimed.node_rank)
-                    if report is not None:
-                        return report
-                    if waited >= grace:
-                        return claimed
+            crash = self._crash_report()
+            if crash is not None:
+                return crash
+            if answer is None:
+                answer = self._root_candidate(waited >= grace)
+                answered_at = waited
+            if answer is not None and waited - answered_at >= settle:
+                return answer
             if waited >= timeout:
-                return failure or own
+                return answer or self.failure() or own
             time.sleep(_POLL_S)
+
+    def _crash_report(self) -> Optional[TorchrunJobError]:
+        for node in range(self.nnodes):
+            with contextlib.suppress(Exception):
+                report = self._node_failure(node)
+                if report is not None and is_crash(report.exitcode):
+                    return report
+        return None
+
+    def _root_candidate(self, claim_is_enough: bool) -> Optional[TorchrunJobError]:
+        first, failure = self.first_failed_rank(), self.failure()
+        if failure is not None and (first is None or failure.rank == first):
+            return failure
+        with contextlib.suppress(Exception):
+            claimed = self.claimed_failure() if first is not None else None
+            if claimed is not None and claimed.rank == first:
+                assert claimed.node_rank is not None
+                report = self._node_failure(claimed.node_rank)
+                if report is not None:
+                    return report
+                if claim_is_enough:
+                    return claimed
+        return None
 
     def put_rows(self, rows: list[dict[str, Any]]) -> None:
         """This node's rows of the job summary (read by node 0)."""

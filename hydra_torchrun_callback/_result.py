@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["TorchrunJobError", "TorchrunSetupError", "job_error", "root_cause_error"]
+__all__ = ["TorchrunJobError", "TorchrunSetupError", "is_crash", "job_error", "root_cause_error"]
 
 
 class TorchrunJobError(RuntimeError):
@@ -60,15 +60,24 @@ def _split_exception(message: str) -> tuple[Optional[str], str]:
     return None, message
 
 
+def is_crash(exitcode: Optional[int]) -> bool:
+    """Killed by a signal other than the stop signals the agent or the user send."""
+    return exitcode is not None and exitcode < 0 and -exitcode not in (2, 15)
+
+
 def root_cause_error(
     err: Any, node: str, node_rank: int = 0, prefer_rank: Optional[int] = None
 ) -> TorchrunJobError:
     """Build the job's error from torch's ``ChildFailedError``.
 
-    The root cause is ``prefer_rank`` when it failed here (the rank that claimed
-    the job's first failure), else torch's first failure (by timestamp).
+    The root cause is a crashed worker (killed by a signal: it could not claim
+    anything), else ``prefer_rank`` when it failed here (the rank that claimed the
+    job's first failure), else torch's first failure (by timestamp).
     """
-    if prefer_rank is not None and prefer_rank in err.failures:
+    crashed = sorted(r for r, f in err.failures.items() if is_crash(f.exitcode))
+    if crashed:  # a crashed process claims nothing; its peers' errors follow from it
+        rank, failure = crashed[0], err.failures[crashed[0]]
+    elif prefer_rank is not None and prefer_rank in err.failures:
         rank, failure = prefer_rank, err.failures[prefer_rank]
     else:
         rank, failure = err.get_first_failure()
