@@ -32,10 +32,15 @@ def _overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in found] if isinstance(found, list) else []
 
 
+def _natural(path: Path) -> list[tuple[int, str]]:
+    """Sweep job 2 before job 10."""
+    return [(0, f"{int(p):012d}") if p.isdigit() else (1, p) for p in path.parts]
+
+
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every job summary under ``root`` (a job dir, a sweep dir or a whole outputs tree)."""
     jobs = []
-    for path in sorted(root.rglob(SUMMARY_FILE)):
+    for path in sorted(root.rglob(SUMMARY_FILE), key=_natural):
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from hydra_torchrun_callback._summary import (
     build_summary,
     render_table,
 )
+from hydra_torchrun_callback.summary import collect
 
 from conftest import app_env
 
@@ -224,3 +226,6 @@ def test_sweep_inspected_afterwards(app) -> None:
         [*cli[:-1], str(run.out / "0")], capture_output=True, text=True, env=app_env()
     )
     assert ok.returncode == 0 and ok.stdout.startswith("1 job(s): 1 COMPLETED")
+    (run.out / "10").mkdir()  # an 11th job sorts after job 1, not between 0 and 1
+    shutil.copy(run.out / "0" / "torchrun_summary.json", run.out / "10")
+    assert [j["job"] for j in collect(run.out)] == ["0", "1", "10"]
