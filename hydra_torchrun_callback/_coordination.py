@@ -160,17 +160,17 @@ class JobCoordinator:
         else:
             self.store.compare_set(self._key("failure"), "", blob)
 
-    def _node_failure(self, node: int) -> Optional[TorchrunJobError]:
-        if not self._has(f"failure/{node}"):
+    def _read_error(self, name: str) -> Optional[TorchrunJobError]:
+        if not self._has(name):
             return None
-        err = pickle.loads(self._get(f"failure/{node}"))
+        err = pickle.loads(self._get(name))
         return err if isinstance(err, TorchrunJobError) else None
 
+    def _node_failure(self, node: int) -> Optional[TorchrunJobError]:
+        return self._read_error(f"failure/{node}")
+
     def failure(self) -> Optional[TorchrunJobError]:
-        if not self._has("failure"):
-            return None
-        err = pickle.loads(self._get("failure"))
-        return err if isinstance(err, TorchrunJobError) else None
+        return self._read_error("failure")
 
     def claimed_failure(self) -> Optional[TorchrunJobError]:
         """The first failure as its worker described it (no agent needed)."""

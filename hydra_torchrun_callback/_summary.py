@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,18 +119,24 @@ class NodeRecords:
                 found.append(json.loads(path.read_text()))
         return found
 
+    def _by_rank(self) -> tuple[dict[int, list[dict[str, Any]]], int]:
+        """This node's records per rank, oldest first, and the node's latest attempt."""
+        by_rank: dict[int, list[dict[str, Any]]] = {}
+        for record in self.records():
+            by_rank.setdefault(record["rank"], []).append(record)
+        for recs in by_rank.values():
+            recs.sort(key=lambda r: (r["attempt"], r["started"]))
+        last_attempt = max((recs[-1]["attempt"] for recs in by_rank.values()), default=0)
+        return by_rank, last_attempt
+
     def rank_states(self) -> dict[int, str]:
         """Each rank's state in the node's latest attempt: alive, ended or starting
         (no process of this attempt has started its task yet)."""
-        latest: dict[int, dict[str, Any]] = {}
-        for r in self.records():
-            cur = latest.get(r["rank"])
-            if cur is None or (r["attempt"], r["started"]) > (cur["attempt"], cur["started"]):
-                latest[r["rank"]] = r
-        attempt = max((r["attempt"] for r in latest.values()), default=0)
+        by_rank, last_attempt = self._by_rank()
         states = {}
-        for rank, r in latest.items():
-            if r["attempt"] < attempt:
+        for rank, recs in by_rank.items():
+            r = recs[-1]
+            if r["attempt"] < last_attempt:
                 states[rank] = "starting"
             elif r["status"] == "running" and _pid_alive(r["pid"]):
                 states[rank] = "alive"
@@ -141,15 +147,11 @@ class NodeRecords:
     def rows(self, node_rank: int, host: str, now: Optional[float] = None) -> list[dict[str, Any]]:
         """One row per global rank that ran on this node, from its last process."""
         now = time.time() if now is None else now
-        by_rank: dict[int, list[dict[str, Any]]] = {}
-        for record in self.records():
-            by_rank.setdefault(record["rank"], []).append(record)
         # The agent restarts the whole group, so every rank had as many attempts as the
         # node's latest one; a process stopped before its task began left no record.
-        last_attempt = max((r["attempt"] for recs in by_rank.values() for r in recs), default=0)
+        by_rank, last_attempt = self._by_rank()
         rows = []
         for rank, recs in sorted(by_rank.items()):
-            recs.sort(key=lambda r: (r["attempt"], r["started"]))
             seen = {r["attempt"] for r in recs}
             history = [self._outcome(r, now) for r in recs] + [
                 {
@@ -258,7 +260,21 @@ def _status_cell(row: Mapping[str, Any]) -> str:
     return status
 
 
-def _clip(text: str, width: int) -> str:
+def format_columns(
+    columns: Sequence[str], lines: Sequence[Sequence[str]], right: Container[int] = ()
+) -> list[str]:
+    """Header and rows as fixed-width text, two spaces apart; ``right``: right-aligned."""
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    return [
+        "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ).rstrip()
+        for cells in [columns, *lines]
+    ]
+
+
+def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -276,31 +292,21 @@ def render_table(summary: Mapping[str, Any]) -> str:
             (
                 str(row["rank"]),
                 str(row["node"]),
-                _clip(str(row["host"]), 24),
+                clip(str(row["host"]), 24),
                 "-" if row["pid"] is None else str(row["pid"]),
                 str(row["attempts"]),
-                _clip(_status_cell(row), 28),
+                clip(_status_cell(row), 28),
                 f"{row['wall_s']:.1f}s",
-                _clip(str(row["root_cause"] or ""), 60),
+                clip(str(row["root_cause"] or ""), 60),
             )
         )
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-    right = {0, 1, 3, 4, 6}
-
-    def fmt(cells: Iterable[str]) -> str:
-        parts = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(cells)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [head, fmt(columns), *(fmt(line) for line in lines)]
+    out = [head, *format_columns(columns, lines, right={0, 1, 3, 4, 6})]
     for row in summary["ranks"]:
         for past in row.get("history", ()):
             if past["status"] in ("raised", "killed", "exited"):
                 out.append(
                     f"rank {row['rank']} attempt {past['attempt']} (pid {past['pid']}): "
-                    f"{_clip(_status_cell(past), 40)} after {past['wall_s']:.1f}s, restarted"
+                    f"{clip(_status_cell(past), 40)} after {past['wall_s']:.1f}s, restarted"
                 )
     if summary["missing_nodes"]:
         out.append(f"nodes {summary['missing_nodes']} sent no report (lost before the end)")

@@ -234,7 +234,13 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
     it causes in other ranks (they fail once this process is gone). The details let
     node 0 name the root cause even when this node's agent is stopped (by the other
     nodes' failures) before it can report it."""
-    spec = os.environ.get("HYDRA_TORCHRUN_JOB_STORE")
+    from hydra_torchrun_callback._coordination import (
+        FIRST_FAILED_KEY,
+        FIRST_FAILURE_KEY,
+        JOB_STORE_ENV,
+    )
+
+    spec = os.environ.get(JOB_STORE_ENV)
     if not spec:
         return
     try:
@@ -254,7 +260,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
             timeout=timedelta(seconds=5),
             wait_for_workers=False,
         )
-        holder = store.compare_set(prefix + "first_failed_rank", "", str(rank))
+        holder = store.compare_set(prefix + FIRST_FAILED_KEY, "", str(rank))
         if bytes(holder).decode() == str(rank):
             detail = {
                 "rank": rank,
@@ -265,7 +271,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
                 "exc_message": str(exc),
                 "traceback": traceback.format_exc(),
             }
-            store.set(prefix + "first_failure", json.dumps(detail))
+            store.set(prefix + FIRST_FAILURE_KEY, json.dumps(detail))
     except Exception:  # never mask the task's own error
         pass
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hydra_torchrun_callback._summary import SUMMARY_FILE, render_table
+from hydra_torchrun_callback._summary import SUMMARY_FILE, clip, format_columns, render_table
 
 __all__ = ["collect", "main"]
 
@@ -51,10 +51,6 @@ def collect(root: Path) -> list[dict[str, Any]]:
     return jobs
 
 
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def _root_cause(job: dict[str, Any]) -> str:
     """ "rank 1: ValueError: boom" when a rank is to blame, else the error's first line."""
     rank = job.get("root_cause_rank")
@@ -69,23 +65,18 @@ def jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
     lines = [
         (
             job["job"],
-            _clip(" ".join(job["overrides"]), 40),
+            clip(" ".join(job["overrides"]), 40),
             job["status"],
             f"{job['nnodes']} x {job['nproc_per_node']}",
             f"{job['wall_s']:.1f}s",
             str(max((r["attempts"] for r in job["ranks"]), default=0)),
-            _clip(_root_cause(job), 70),
+            clip(_root_cause(job), 70),
         )
         for job in jobs
     ]
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
     counts = Counter(job["status"] for job in jobs)
     head = f"{len(jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    body = [
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip()
-        for line in [columns, *lines]
-    ]
-    return "\n".join([head, *body])
+    return "\n".join([head, *format_columns(columns, lines)])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
