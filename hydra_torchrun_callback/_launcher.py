@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._callback import TARGET, TorchrunCallback
-from hydra_torchrun_callback._options import PREFIX, TorchrunOptionError, parse_options
+from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
 from hydra_torchrun_callback._result import TorchrunSetupError
 
 __all__ = ["LAUNCHER_PREFIX", "launch_jobs", "launcher_options"]
@@ -42,28 +42,19 @@ _SCRIPT_KEYS: dict[str, Any] = {
 }
 
 
-def _launcher_error(err: TorchrunOptionError) -> TorchrunOptionError:
-    """The same error, naming the option as the user wrote it (``hydra.launcher.X``)."""
-    new = TorchrunOptionError.__new__(TorchrunOptionError)
-    ValueError.__init__(new, str(err).replace(PREFIX + ".", LAUNCHER_PREFIX + "."))
-    new.option, new.value = err.option, err.value
-    return new
-
-
 def launcher_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Map ``hydra.launcher`` keys onto the callback's options (validated)."""
     given = {k: v for k, v in raw.items() if k != "_target_"}
     for key, default in _SCRIPT_KEYS.items():
         value = given.pop(key, default)
         if value not in (default, None) and value != list(default or []):
-            raise _launcher_error(
-                TorchrunOptionError(
-                    key,
-                    value,
-                    "this launcher runs the Hydra task function in every worker, not a script",
-                    "",
-                    fix=f"remove {LAUNCHER_PREFIX}.{key} (the app's task function is what runs)",
-                )
+            raise TorchrunOptionError(
+                key,
+                value,
+                "this launcher runs the Hydra task function in every worker, not a script",
+                "",
+                fix=f"remove {LAUNCHER_PREFIX}.{key} (the app's task function is what runs)",
+                prefix=LAUNCHER_PREFIX,
             )
     opts = dict(given)
     single_node = str(given.get("nnodes", "1:1")).strip() in ("1", "1:1")
@@ -88,7 +79,7 @@ def launcher_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     try:
         parse_options(opts)
     except TorchrunOptionError as err:
-        raise _launcher_error(err) from None
+        raise err.under(LAUNCHER_PREFIX) from None
     return opts
 
 

@@ -33,14 +33,35 @@ class TorchrunOptionError(ValueError):
     """A ``hydra.callbacks.torchrun`` option has a value that cannot work."""
 
     def __init__(
-        self, option: str, value: Any, accepted: str, example: str, fix: Optional[str] = None
+        self,
+        option: str,
+        value: Any,
+        accepted: str,
+        example: str,
+        fix: Optional[str] = None,
+        prefix: str = PREFIX,
     ) -> None:
         self.option = option
         self.value = value
+        self._parts = (accepted, example, fix, prefix)
         super().__init__(
-            f"{PREFIX}.{option}={value!r} is not valid: {accepted}. "
-            f"Fix: {fix or f'e.g. {PREFIX}.{option}={example}'}"
+            f"{prefix}.{option}={value!r} is not valid: {accepted}. "
+            f"Fix: {fix or f'e.g. {prefix}.{option}={example}'}"
         )
+
+    def under(self, prefix: str) -> TorchrunOptionError:
+        """The same error, naming the option where the user set it (``hydra.launcher``)."""
+        accepted, example, fix, old = self._parts
+
+        def moved(text: str) -> str:
+            return text.replace(old + ".", prefix + ".")
+
+        return TorchrunOptionError(
+            self.option, self.value, moved(accepted), example, fix and moved(fix), prefix
+        )
+
+    def __reduce__(self) -> Any:  # travels intact in a JobReturn (submitit pickles it)
+        return (TorchrunOptionError, (self.option, self.value, *self._parts))
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,17 @@ def test_derived_ports_differ_between_jobs() -> None:
     ports = {derived_port(str(j)) for j in range(1000, 1200)}
     assert len(ports) > 195 and all(15000 <= p < 32000 for p in ports)
     assert derived_port("1234") == derived_port("1234")
+
+
+def test_option_error_survives_pickling_and_renaming() -> None:
+    """submitit pickles a failed job's error; the drop-in launcher renames the option."""
+    import pickle
+
+    with pytest.raises(TorchrunOptionError) as caught:
+        parse_options({"nnodes": "3:1"})
+    err = caught.value
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.option, back.value) == (str(err), "nnodes", "3:1")
+    moved = err.under("hydra.launcher")
+    assert str(moved) == str(err).replace("hydra.callbacks.torchrun.", "hydra.launcher.")
+    assert str(pickle.loads(pickle.dumps(moved))) == str(moved)
