@@ -181,9 +181,9 @@ class TorchrunCallback(Callback):
             self._diversion = None
 
     def _run_job(self, config: DictConfig, task_function: Any) -> Any:
-        import cloudpickle
         import torch
 
+        from hydra_torchrun_callback import _pickling
         from hydra_torchrun_callback._launch import launch
         from hydra_torchrun_callback._options import resolve_nproc_per_node
         from hydra_torchrun_callback._placement import check_port_free, resolve_placement
@@ -215,7 +215,7 @@ class TorchrunCallback(Callback):
             )
         pin_now_interpolations(config)
         try:
-            payload = cloudpickle.dumps(
+            payload = _pickling.dumps(
                 WorkerPayload(
                     task=task_function,
                     config=config,
@@ -251,7 +251,7 @@ class TorchrunCallback(Callback):
         if data is None:
             return None
         try:
-            return cloudpickle.loads(data)
+            return _pickling.loads(data)
         except Exception as exc:
             raise TorchrunSetupError(
                 f"rank 0's return value could not be unpickled in the Hydra process "

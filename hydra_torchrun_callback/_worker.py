@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback import _pickling
 from hydra_torchrun_callback._summary import WorkerRecord
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
@@ -140,15 +141,16 @@ _OWN_RESOLVERS = ("now", "hydra")
 
 def capture_resolvers() -> dict[str, bytes]:
     """The Hydra process's custom resolvers, each pickled on its own (skip what can't be)."""
-    import cloudpickle
     from omegaconf.basecontainer import BaseContainer
+
+    from hydra_torchrun_callback import _pickling
 
     captured: dict[str, bytes] = {}
     for name, resolver in BaseContainer._resolvers.items():
         if name in _OWN_RESOLVERS or name.startswith("oc."):
             continue
         try:
-            captured[name] = cloudpickle.dumps(resolver)
+            captured[name] = _pickling.dumps(resolver)
         except Exception:  # an unpicklable resolver: the task fails only if it uses it
             continue
     return captured
@@ -181,7 +183,6 @@ def rank_logging_config(job_logging: dict[str, Any], rank: int) -> dict[str, Any
 
 def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> Any:
     """Restore the Hydra job's state in this process; return the task's config."""
-    import cloudpickle
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobRuntime, configure_log, setup_globals
     from omegaconf import OmegaConf, open_dict, read_write
@@ -197,7 +198,7 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
     setup_globals()
     resolve_main_lazily(payload.main_module)
     for name, resolver in payload.resolvers.items():
-        BaseContainer._resolvers[name] = cloudpickle.loads(resolver)
+        BaseContainer._resolvers[name] = _pickling.loads(resolver)
     # ${now:...} not yet resolved in the Hydra process must still agree with it
     # (and between ranks): pin the resolver to the job's start time. Patterns
     # the Hydra process already resolved come from the pickled resolver cache.
@@ -324,14 +325,12 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     ``env`` is the agent's environment at launch: a forkserver started by an earlier
     job of a multirun holds an older one, so workers take this one.
     """
-    import cloudpickle
-
     die_with_parent()
     atexit.register(_fast_exit)
     record = WorkerRecord(os.environ)
     rank = int(os.environ["RANK"])
     try:
-        payload: WorkerPayload = cloudpickle.loads(payload_bytes)
+        payload: WorkerPayload = _pickling.loads(payload_bytes)
         task_cfg = _enter_hydra_job(payload, rank, env or {})
         try:
             value = payload.task(task_cfg)
@@ -355,10 +354,8 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
 
 
 def _pickle_return_value(value: Any) -> bytes:
-    import cloudpickle
-
     try:
-        return bytes(cloudpickle.dumps(value))
+        return _pickling.dumps(value)
     except Exception as exc:
         raise ReturnValueError(
             f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "
