@@ -73,6 +73,20 @@ class TorchrunAbort(BaseException):
     """
 
 
+_REPORT = (
+    "If this is not a problem in your environment, please report it with the full log "
+    "(hydra-torchrun-callback's issue tracker)"
+)
+
+
+def _abort(step: str, exc: BaseException) -> TorchrunAbort:
+    return TorchrunAbort(
+        f"hydra/callbacks=torchrun failed while {step} ({type(exc).__name__}: {exc}); "
+        "stopping the app before the task could run undistributed in the Hydra process. "
+        f"{_REPORT}."
+    )
+
+
 def inside_torchrun_worker(env: Mapping[str, str]) -> bool:
     """True in a process that torchrun (or our agent) started as a worker."""
     return "TORCHELASTIC_RUN_ID" in env and "LOCAL_RANK" in env and "RANK" in env
@@ -139,17 +153,26 @@ class TorchrunCallback(Callback):
             start_forkserver(None)
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
-        self._restore()
-        if inside_torchrun_worker(os.environ):
-            log.info("already inside a torchrun worker: running the task directly")
-            return
+        """Run the job, then arm the task's call to deliver its outcome.
+
+        Fails closed: Hydra turns an ``Exception`` from a hook into a warning and then
+        calls the task in this process, undistributed. So every failure here either
+        becomes the job's error (delivered by the diverted call) or, if the call
+        cannot be diverted, a :class:`TorchrunAbort` that stops the app.
+        """
         try:
+            self._restore()
+            if inside_torchrun_worker(os.environ):
+                log.info("already inside a torchrun worker: running the task directly")
+                return
             can_divert(task_function)
         except DivertError as exc:
             raise TorchrunAbort(
                 f"hydra/callbacks=torchrun cannot run this task: {exc}. Stopping before the "
                 "task could run in the Hydra process."
             ) from exc
+        except Exception as exc:
+            raise _abort("preparing the job", exc) from exc
         outcome = Outcome()
         try:
             outcome.value = self._run_job(config, task_function)
@@ -162,12 +185,15 @@ class TorchrunCallback(Callback):
                 outcome.error = exc
             else:
                 outcome.error = TorchrunSetupError(
-                    f"launching the torchrun workers failed: {type(exc).__name__}: {exc}"
+                    f"launching the torchrun workers failed: {type(exc).__name__}: {exc}. {_REPORT}"
                 )
                 outcome.error.__cause__ = exc
-        if outcome.error is not None:
-            log.error("%s", outcome.error)
-        self._diversion = divert(task_function, outcome)
+        try:
+            if outcome.error is not None:
+                log.error("%s", outcome.error)
+            self._diversion = divert(task_function, outcome)
+        except Exception as exc:
+            raise _abort("arming the task's call", exc) from exc
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self._restore()
@@ -181,6 +207,9 @@ class TorchrunCallback(Callback):
             self._diversion = None
 
     def _run_job(self, config: DictConfig, task_function: Any) -> Any:
+        from hydra_torchrun_callback._support import require_supported
+
+        require_supported()  # before importing torch: a missing torch gets its fix too
         import torch
 
         from hydra_torchrun_callback import _pickling

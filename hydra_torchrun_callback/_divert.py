@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import threading
 import types
 from collections.abc import Callable
@@ -78,7 +79,9 @@ def _trampoline_code(token: int, nfree: int, name: str, qualname: str) -> types.
     namespace: dict[str, Any] = {}
     exec(compile(src, "<hydra_torchrun_callback: task ran under torchrun>", "exec"), namespace)
     code: types.CodeType = namespace["_outer"]().__code__
-    return code.replace(co_name=name, co_qualname=qualname)
+    if sys.version_info >= (3, 11):  # 3.10 keeps the qualified name on the function only
+        return code.replace(co_name=name, co_qualname=qualname)
+    return code.replace(co_name=name)
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Diversion:
 def _swap_function(func: types.FunctionType, token: int) -> Callable[[], None]:
     original = func.__code__
     func.__code__ = _trampoline_code(
-        token, len(original.co_freevars), original.co_name, original.co_qualname
+        token, len(original.co_freevars), original.co_name, func.__qualname__
     )
 
     def restore() -> None:

@@ -23,7 +23,10 @@ class Recorder(Callback):
         self.path = path
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
-        import torch.distributed as dist
+        try:
+            import torch.distributed as dist
+        except ImportError:  # the torch-less compat cells
+            dist = None
 
         value = job_return._return_value
         entry = {
@@ -39,7 +42,7 @@ class Recorder(Callback):
             else None,
             "hydra_pid": os.getpid(),
             "leaked_env": {k: os.environ.get(k) for k in LEAK_KEYS},
-            "pg_initialized": dist.is_available() and dist.is_initialized(),
+            "pg_initialized": dist is not None and dist.is_available() and dist.is_initialized(),
             "output_dir": config.hydra.runtime.output_dir,
             "overrides": list(job_return.overrides or []),
             "task": int(
