@@ -309,14 +309,20 @@ def launch(
                         signal.signal(signal.SIGTERM, _raise_signal)
                     coord.start_watchdog(records.rank_states if records is not None else None)
                 try:
-                    values = launch_agent(config, run_worker, [payload, dict(os.environ)])
-                except ChildFailedError as err:
-                    if records is not None:
-                        records.note_failures(err.failures)
-                    first = coord.first_failed_rank() if coord is not None else None
-                    raise root_cause_error(
-                        err, socket.gethostname(), placement.node_rank, prefer_rank=first
-                    ) from None
+                    try:
+                        values = launch_agent(config, run_worker, [payload, dict(os.environ)])
+                    except ChildFailedError as err:
+                        if records is not None:
+                            records.note_failures(err.failures)
+                        first = coord.first_failed_rank() if coord is not None else None
+                        raise root_cause_error(
+                            err, socket.gethostname(), placement.node_rank, prefer_rank=first
+                        ) from None
+                    finally:
+                        # Joined inside the SignalException handler's reach: the watchdog's
+                        # SIGTERM can land while this node handles its own workers' failure.
+                        if coord is not None:
+                            coord.stop_watchdog()
                 except SignalException as err:
                     if coord is not None and coord.abort_reason is not None:
                         raise coord.abort_reason from None
@@ -334,9 +340,6 @@ def launch(
                         placement = _with_port(placement, port)
                         continue
                     raise
-                finally:
-                    if coord is not None:
-                        coord.stop_watchdog()
             return AgentResult(dict(values), placement)
         raise AssertionError("unreachable")
     finally:

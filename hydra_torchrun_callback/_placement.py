@@ -44,10 +44,40 @@ class ClusterTask:
 
 
 def parse_node_list(node_list: str) -> list[str]:
-    """Expand a SLURM node list such as ``node[001-003,007],gpu12`` (submitit's parser)."""
-    from submitit.slurm.slurm import _parse_node_list
+    """Expand a SLURM node list such as ``node[001-003,007],gpu12`` in SLURM's order.
 
-    return list(_parse_node_list(node_list))
+    Our own (not submitit's private parser): plain ``srun`` jobs need no submitit.
+    """
+    hosts: list[str] = []
+    depth, start = 0, 0
+    for i, char in enumerate(node_list + ","):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            if node_list[start:i].strip():
+                hosts.extend(_expand_host(node_list[start:i].strip()))
+            start = i + 1
+    return hosts
+
+
+def _expand_host(item: str) -> list[str]:
+    """``n[1-2]-ib[0,3]`` -> n1-ib0, n1-ib3, n2-ib0, n2-ib3 (zero padding kept)."""
+    open_at = item.find("[")
+    if open_at < 0:
+        return [item]
+    close_at = item.index("]", open_at)
+    prefix, body, rest = item[:open_at], item[open_at + 1 : close_at], item[close_at + 1 :]
+    values: list[str] = []
+    for part in body.split(","):
+        low, dash, high = part.partition("-")
+        if dash:
+            values += [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
+        else:
+            values.append(part)
+    tails = _expand_host(rest)
+    return [prefix + value + tail for value in values for tail in tails]
 
 
 def derived_port(job_id: str) -> int:

@@ -220,7 +220,8 @@ def build_summary(
     """The JSON-ready summary; the root cause's row is marked."""
     ordered = sorted(rows, key=lambda r: r["rank"])
     root_rank = getattr(error, "rank", None)
-    root_text = str(error).splitlines()[0] if error is not None else None
+    # An exception may have no message at all (torch's RendezvousClosedError()).
+    root_text = (str(error).splitlines() or [type(error).__name__])[0] if error else None
     for row in ordered:
         is_root = root_rank is not None and row["rank"] == root_rank
         row["root_cause"] = error_line(row) if is_root else None

@@ -25,7 +25,7 @@ MIN_PYTHON = (3, 10)
 
 #: Distribution -> (oldest version the suite passes on, why that one).
 FLOORS: dict[str, tuple[str, str]] = {
-    "torch": ("2.3.0", "torch.distributed.elastic's DefaultLogsSpecs / LaunchConfig.logs_specs"),
+    "torch": ("2.4.1", "restarting a worker group over c10d (2.3 closes the rendezvous)"),
     "hydra-core": ("1.3.2", "the callback API and HydraConfig in workers"),
     "omegaconf": ("2.3.0", "resolver cache and read_write/open_dict"),
     "cloudpickle": ("2.2.1", "pickling the task by value (3.0 on Python >= 3.12)"),

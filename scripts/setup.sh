@@ -13,3 +13,10 @@ python -m pip install -q "torch==2.13.0"
 # A real (non-editable) install: Hydra must discover hydra_plugins/ as users will.
 # The ecosystem extras (Lightning, Optuna, hydra-zen) are what their tests and examples need.
 python -m pip install -q ".[${HTR_EXTRAS:-dev,all}]"
+# The main cell tests the newest versions pyproject.toml admits (the floors have their own cell
+# in scripts/compat.sh): upgrade what an older, reused .venv may hold. torch stays 2.13.0.
+python -m pip install -q --upgrade hydra-core omegaconf cloudpickle submitit \
+  hydra-submitit-launcher "torch==2.13.0"
+python -c 'from importlib import metadata as m; print("main cell:", ", ".join(
+    f"{n} {m.version(n)}" for n in ["torch", "hydra-core", "omegaconf", "cloudpickle",
+                                     "submitit", "hydra-submitit-launcher"]))'

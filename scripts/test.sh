@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, lint, type-check, then run the whole test suite (what CI runs).
+# Set up, lint, type-check, run the support matrix's cheap cells, then the whole test suite
+# (what CI runs).
 # As root on Debian it also installs slurm-wlm for the real-cluster tests, which are
 # then required (HTR_REQUIRE_SLURM=1); elsewhere they are skipped with a reason.
 set -euo pipefail
@@ -17,4 +18,9 @@ fi
 ruff check .
 ruff format --check .
 mypy
+# The cheap cells of the support matrix: pure tests on every supported Python without torch,
+# and every dependency floor on the oldest Python (core tests). HTR_SKIP_COMPAT=1 skips them.
+if [ "${HTR_SKIP_COMPAT:-0}" != 1 ]; then
+  bash scripts/compat.sh --ci
+fi
 python -m pytest -q --durations=15 "$@"

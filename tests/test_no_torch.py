@@ -26,7 +26,7 @@ def test_job_without_torch_fails_with_the_fix(tmp_path: Path) -> None:
     env = app_env(HTR_INJECT="none", HTR_MARK_DIR=str(marks))
     run = run_app(tmp_path, script="inject_app.py", env=env)
     assert run.proc.returncode == 1, run.output
-    assert "torch is not installed: pip install 'torch>=2.3.0'" in run.output
+    assert "torch is not installed: pip install 'torch>=2.4.1'" in run.output
     assert [json.loads(p.read_text()) for p in marks.iterdir()] == []
     [job] = run.records
     assert job["status"] == "FAILED" and "torch is not installed" in job["error"]

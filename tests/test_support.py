@@ -20,8 +20,8 @@ def test_each_problem_names_the_fix() -> None:
     found = problems({**OK, "torch": "2.2.2", "omegaconf": None}, (3, 9, 18))
     assert found == [
         "Python 3.9.18 is older than 3.10: run the app with Python >= 3.10",
-        "torch 2.2.2 is older than 2.3.0 (needed for torch.distributed.elastic's "
-        "DefaultLogsSpecs / LaunchConfig.logs_specs): pip install 'torch>=2.3.0'",
+        "torch 2.2.2 is older than 2.4.1 (needed for restarting a worker group over c10d "
+        "(2.3 closes the rendezvous)): pip install 'torch>=2.4.1'",
         "omegaconf is not installed: pip install 'omegaconf>=2.3.0'",
     ]
 

@@ -231,3 +231,26 @@ def test_option_error_survives_pickling_and_renaming() -> None:
     moved = err.under("hydra.launcher")
     assert str(moved) == str(err).replace("hydra.callbacks.torchrun.", "hydra.launcher.")
     assert str(pickle.loads(pickle.dumps(moved))) == str(moved)
+
+
+@pytest.mark.parametrize(
+    ("node_list", "hosts"),
+    [
+        ("n1", ["n1"]),
+        ("n1,gpu12", ["n1", "gpu12"]),
+        ("node[001-003,007],gpu12", ["node001", "node002", "node003", "node007", "gpu12"]),
+        ("n[1-2]-ib[0,3]", ["n1-ib0", "n1-ib3", "n2-ib0", "n2-ib3"]),
+        ("a[9-11]", ["a9", "a10", "a11"]),
+        ("rack1-[08-10].x", ["rack1-08.x", "rack1-09.x", "rack1-10.x"]),
+    ],
+)
+def test_node_list_expansion(node_list: str, hosts: list[str]) -> None:
+    """Plain srun needs no submitit; where submitit is installed, both parsers agree."""
+    from hydra_torchrun_callback._placement import parse_node_list
+
+    assert parse_node_list(node_list) == hosts
+    try:
+        from submitit.slurm.slurm import _parse_node_list
+    except ImportError:  # the torch-less compat cells install no submitit
+        return
+    assert list(_parse_node_list(node_list)) == hosts
