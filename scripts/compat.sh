@@ -4,7 +4,8 @@
 # table in compat/MATRIX.md (and README.md's copy, unless CI=true).
 #
 #   bash scripts/compat.sh --ci      cheap cells (what .ci/run runs): pure-Python unit tests on
-#                                    every supported Python without torch, and the minimum-
+#                                    Pythons 3.10, 3.12, 3.13 without torch (3.11 is the main
+#                                    suite's), and the minimum-
 #                                    versions cell (every floor of pyproject.toml, oldest Python)
 #   bash scripts/compat.sh --heavy   release cells: Python 3.12 / 3.13 with current torch, the
 #                                    newest torch (CUDA wheels from PyPI, several GB each)
@@ -21,8 +22,8 @@ mkdir -p "$CACHE" compat
 PURE_TESTS="tests/test_units.py tests/test_support.py tests/test_pickling.py tests/test_no_torch.py"
 CORE_TESTS="tests/test_single_node.py tests/test_failures.py tests/test_fail_closed.py \
 tests/test_multinode_local.py tests/test_pickling.py tests/test_support.py tests/test_units.py \
-tests/test_ecosystem.py::test_optuna_study_over_ddp_trials --deselect \
-tests/test_multinode_local.py::test_lightning_on_two_emulated_nodes"
+--deselect tests/test_multinode_local.py::test_lightning_on_two_emulated_nodes"
+OPTUNA_TEST="tests/test_ecosystem.py::test_optuna_study_over_ddp_trials"
 NOVERSIONS="$(printf '\t-%.0s' 1 2 3 4 5 6)"
 TOOLS="pytest==8.3.5 pytest-timeout==2.3.1 pyyaml"
 FLOOR_DEPS="hydra-core==1.3.2 omegaconf==2.3.0 cloudpickle==2.2.1 submitit==1.5.0 \
@@ -32,12 +33,13 @@ hydra-submitit-launcher==1.2.0 hydra-optuna-sweeper==1.3.0"
 # name | python | torch requirement ("" = none: pure tests) | other requirements | tests | kind
 CELLS=(
   "unit-py3.10|3.10||.|$PURE_TESTS|ci"
-  "unit-py3.12|3.12||.|$PURE_TESTS|ci"
+  "unit-py3.12|3.12||. hydra-core==1.3.2 omegaconf==2.3.0 cloudpickle==3.0.0|$PURE_TESTS|ci"
   "unit-py3.13|3.13||.|$PURE_TESTS|ci"
-  "floors-py3.10|3.10|torch==2.4.1|.[submitit,optuna] $FLOOR_DEPS|$CORE_TESTS|ci"
-  "py3.12-torch2.13|3.12|torch==2.13.0|.[submitit,optuna]|$CORE_TESTS|heavy"
-  "py3.13-torch2.13|3.13|torch==2.13.0|.[submitit]|${CORE_TESTS%% tests/test_ecosystem*}|heavy"
-  "py3.11-torch2.15|3.11|torch==2.15.0|.[submitit,optuna]|$CORE_TESTS|heavy"
+  "refused-py3.9|3.9||.|-|ci"
+  "floors-py3.10|3.10|torch==2.4.1|.[submitit,optuna] $FLOOR_DEPS|$CORE_TESTS $OPTUNA_TEST|ci"
+  "py3.12-torch2.13|3.12|torch==2.13.0|.[submitit,optuna]|$CORE_TESTS $OPTUNA_TEST|heavy"
+  "py3.13-torch2.13|3.13|torch==2.13.0|.[submitit]|$CORE_TESTS|heavy"
+  "py3.11-torch2.15|3.11|torch==2.15.0|.[submitit,optuna]|$CORE_TESTS $OPTUNA_TEST|heavy"
 )
 
 find_python() {  # python3.X that really runs (pyenv shims may exist without the version)
@@ -58,6 +60,10 @@ run_cell() {
   local py venv stamp spec start status summary versions
   start=$(date +%s)
   if ! py="$(find_python "$pyver")"; then
+    if [ "$tests" = - ]; then  # nothing to refuse on a machine without that Python
+      record "$name" "$pyver$NOVERSIONS" "not run" "no python$pyver on this machine" 0
+      return 0
+    fi
     record "$name" "$pyver$NOVERSIONS" failed "no python$pyver on this machine" 0
     return 1
   fi
@@ -65,6 +71,19 @@ run_cell() {
   spec="$torch | $reqs | $TOOLS | $($py --version 2>&1)"
   stamp="$venv/.htr-spec"
   echo "== cell $name: python $pyver, ${torch:-no torch}, $reqs"
+  if [ "$tests" = - ]; then  # an interpreter below requires-python: pip must refuse it
+    refused="$("$py" -m pip install --dry-run --no-deps "$ROOT" 2>&1)"
+    if grep -q "requires a different Python" <<<"$refused"; then
+      status=passed summary="pip refuses: requires a different Python"
+    else
+      status=failed summary="pip did not refuse Python $pyver"
+    fi
+    echo "   $status: $summary"
+    record "$name" "$("$py" -c 'import platform; print(platform.python_version())')$NOVERSIONS" \
+      "$status" "$summary" $(( $(date +%s) - start ))
+    [ "$status" = passed ]
+    return
+  fi
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$spec" ]; then
     rm -rf "$venv"
     "$py" -m venv "$venv" || { record "$name" "$pyver$NOVERSIONS" failed "venv failed" 0; return 1; }
@@ -72,21 +91,23 @@ run_cell() {
       set -e
       . "$venv/bin/activate"
       python -m pip install -q --upgrade pip
-      # torch first and explicitly (a range could pull another build); the newest-torch
-      # cell lifts this machine's pip cap on torch, if any.
+      # torch first and explicitly (a range could pull another build); PIP_CONSTRAINT lifts
+      # a machine-wide pip cap on torch, if any (the newest-torch cell needs that).
       if [ -n "$torch" ]; then
-        PIP_CONSTRAINT="" python -m pip install -q "$torch"
+        PIP_CONSTRAINT=/dev/null python -m pip install -q "$torch"
       fi
       if [ -z "$torch" ]; then  # no torch: the package alone and its pure-Python needs
         python -m pip install -q --no-deps "$ROOT"
-        python -m pip install -q hydra-core omegaconf cloudpickle $TOOLS
+        local pins="${reqs#.}"  # pinned versions, if the cell names any
+        # shellcheck disable=SC2086
+        python -m pip install -q ${pins:-hydra-core omegaconf cloudpickle} $TOOLS
       else
         local -a args=()
         for req in $reqs; do  # "." and ".[extras]" stand for this checkout
           case "$req" in .) args+=("$ROOT") ;; .\[*) args+=("$ROOT${req#.}") ;; *) args+=("$req") ;; esac
         done
         # shellcheck disable=SC2086  # word splitting wanted
-        PIP_CONSTRAINT="" python -m pip install -q "$torch" "${args[@]}" $TOOLS
+        PIP_CONSTRAINT=/dev/null python -m pip install -q "$torch" "${args[@]}" $TOOLS
       fi
     ) >"$venv.install.log" 2>&1 || {
       echo "install failed, see $venv.install.log"; tail -5 "$venv.install.log"
