@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Optional
 
 __all__ = ["FLOORS", "MIN_PYTHON", "installed_versions", "problems", "require_supported"]
@@ -46,17 +46,14 @@ def _parse(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def installed_versions(
-    names: tuple[str, ...] = tuple(FLOORS), version: Optional[Callable[[str], str]] = None
-) -> dict[str, Optional[str]]:
+def installed_versions(names: tuple[str, ...] = tuple(FLOORS)) -> dict[str, Optional[str]]:
     """Installed version of each distribution (None when it is missing)."""
     from importlib import metadata
 
-    get = version or metadata.version
     found: dict[str, Optional[str]] = {}
     for name in names:
         try:
-            found[name] = get(name)
+            found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
