@@ -64,6 +64,23 @@ class JobReport:
         write_summary(summary, output_dir)
 
 
+def _stack_service(
+    output_dir: str, placement: Any, report: JobReport, relay: Any = None
+) -> contextlib.AbstractContextManager[Any]:
+    """Answer ``hydra-torchrun-summary --stacks`` (and SIGURG) while the agent runs."""
+    from hydra_torchrun_callback._stacks import StackService
+
+    job = {
+        "run_id": placement.run_id,
+        "nnodes": placement.max_nodes,
+        "nproc_per_node": placement.nproc_per_node,
+        "world_size": placement.max_nodes * placement.nproc_per_node,
+        "started": report.started,
+    }
+    records = report.records
+    return StackService(output_dir, records.dir, records.live, placement.node_rank, job, relay)
+
+
 class TorchrunAbort(BaseException):
     """Raised out of ``on_job_start`` when the job cannot be made to fail cleanly.
 
@@ -265,15 +282,20 @@ class TorchrunCallback(Callback):
         report = JobReport(placement, started)
         try:
             if placement.cluster is None:
-                with self._heartbeat(opts, placement, report.records.rank_states):
+                with (
+                    self._heartbeat(opts, placement, report.records.rank_states),
+                    _stack_service(output_dir, placement, report),
+                ):
                     data = launch(opts, placement, payload, records=report.records).rank0_payload
+                report.records.harvest_stacks()
                 report.rows = report.records.rows(0, socket.gethostname())
             else:
-                data = self._run_multinode(opts, placement, payload, report)
+                data = self._run_multinode(opts, placement, payload, report, output_dir)
         except BaseException as exc:
             report.error = exc
             raise
         finally:
+            report.records.harvest_stacks()  # the stacks of ranks the stop interrupted
             if opts.summary and placement.node_rank == 0:
                 report.publish(output_dir)
             report.records.close()
@@ -299,10 +321,10 @@ class TorchrunCallback(Callback):
         return Heartbeat(opts.heartbeat_interval, world, states)
 
     def _run_multinode(
-        self, opts: Any, placement: Any, payload: bytes, report: JobReport
+        self, opts: Any, placement: Any, payload: bytes, report: JobReport, output_dir: str
     ) -> Optional[bytes]:
         """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
-        from hydra_torchrun_callback._coordination import JobCoordinator
+        from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
         from hydra_torchrun_callback._launch import launch
 
         coord = JobCoordinator(placement, opts.peer_timeout)
@@ -312,20 +334,24 @@ class TorchrunCallback(Callback):
         def states() -> dict[int, str]:
             return {**coord.states_elsewhere(), **records.rank_states()}
 
-        def finish() -> list[int]:
+        def finish(wait: float = opts.peer_timeout) -> list[int]:
             """Publish this node's rows, say done; node 0 waits for the others' rows."""
+            records.harvest_stacks()
             with contextlib.suppress(Exception):
                 coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
             coord.mark_done()
             if not node0:
                 return []
-            missing = coord.wait_all_done(timeout=opts.peer_timeout)
+            missing = coord.wait_all_done(timeout=wait)
             report.rows, report.missing_nodes = coord.gather_rows()
             return missing
 
         try:
             try:
-                with self._heartbeat(opts, placement, states):
+                with (
+                    self._heartbeat(opts, placement, states),
+                    _stack_service(output_dir, placement, report, StacksRelay(coord)),
+                ):
                     data = launch(opts, placement, payload, coord, records).rank0_payload
             except TorchrunJobError as err:
                 if coord.abort_reason is not err:
@@ -333,6 +359,13 @@ class TorchrunCallback(Callback):
                 root = coord.root_cause(err, timeout=10.0)
                 finish()
                 raise (root or err) from None
+            except (SystemExit, KeyboardInterrupt):
+                # Stopped (scancel, a time limit, Ctrl-C): the summary still shows every
+                # node's ranks and where they were, if the others report back quickly
+                # (SLURM's KillWait leaves 30 s by default).
+                with contextlib.suppress(Exception):
+                    finish(wait=min(opts.peer_timeout, 5.0))
+                raise
             if data is not None:
                 coord.put_result(data)
             missing = finish()

@@ -36,7 +36,7 @@ from hydra_torchrun_callback._result import (
     job_error,
 )
 
-__all__ = ["JobCoordinator"]
+__all__ = ["JobCoordinator", "StacksRelay"]
 
 log = logging.getLogger("hydra_torchrun_callback")
 
@@ -275,6 +275,16 @@ class JobCoordinator:
                     states.update({int(rank): str(state) for rank, state in published.items()})
         return states
 
+    # -- stack requests (node 0 relays what it found in the output dir) -----------
+    def publish_stacks_request(self, request: str) -> None:
+        count = self.store.add(self._key("stacks/count"), 1)
+        self._set(f"stacks/{count}", request.encode())
+
+    def stacks_requests(self, after: int) -> tuple[int, list[str]]:
+        """Requests numbered above ``after``: (latest number, their ids)."""
+        count = int(self.store.add(self._key("stacks/count"), 0))
+        return count, [self._get(f"stacks/{n}").decode() for n in range(after + 1, count + 1)]
+
     def mark_done(self) -> None:
         self._set(f"done/{self.node}", b"1")
 
@@ -374,3 +384,18 @@ class JobCoordinator:
 
     def close(self) -> None:
         self.stop_watchdog()
+
+
+class StacksRelay:
+    """Stack requests from node 0 to the other nodes (see ``_stacks.StackService``)."""
+
+    def __init__(self, coord: JobCoordinator) -> None:
+        self.coord = coord
+        self.seen = 0
+
+    def publish(self, request: str) -> None:
+        self.coord.publish_stacks_request(request)
+
+    def poll(self) -> list[str]:
+        self.seen, new = self.coord.stacks_requests(self.seen)
+        return new

@@ -25,6 +25,14 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback._stacks import (
+    Frame,
+    group_by_frame,
+    harvest_stop_dumps,
+    rank_label,
+    where,
+)
+
 __all__ = [
     "SUMMARY_FILE",
     "Heartbeat",
@@ -56,10 +64,17 @@ class WorkerRecord:
             "pid": os.getpid(),
             "attempt": int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             "started": time.time(),
+            # faulthandler names threads by this ident: it finds the main thread's frames.
+            "main_thread": threading.main_thread().ident,
+            "log": None,
             "ended": None,
             "status": "running",
             "detail": "",
         }
+        self._write()
+
+    def note(self, **fields: Any) -> None:
+        self.data.update(fields)
         self._write()
 
     def finish(self, status: str, detail: str = "") -> None:
@@ -102,6 +117,8 @@ class NodeRecords:
         self.dir = tempfile.mkdtemp(prefix="hydra_torchrun_rec_")
         #: worker pid -> exit code, for workers that failed (from the agent's reports).
         self.exit_codes: dict[int, int] = {}
+        #: (rank, pid) -> its main thread's frames when the job stopped it.
+        self.stop_frames: dict[tuple[int, int], list[Frame]] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -128,6 +145,22 @@ class NodeRecords:
             recs.sort(key=lambda r: (r["attempt"], r["started"]))
         last_attempt = max((recs[-1]["attempt"] for recs in by_rank.values()), default=0)
         return by_rank, last_attempt
+
+    def live(self) -> list[dict[str, Any]]:
+        """Records of this node's workers of the latest attempt that are running now."""
+        by_rank, last_attempt = self._by_rank()
+        return [
+            recs[-1]
+            for recs in by_rank.values()
+            if recs[-1]["attempt"] == last_attempt
+            and recs[-1]["status"] == "running"
+            and _pid_alive(recs[-1]["pid"])
+        ]
+
+    def harvest_stacks(self) -> None:
+        """Once the workers are gone: append the stacks they dumped when they were stopped
+        to their logs, and keep where each main thread was for the summary."""
+        self.stop_frames.update(harvest_stop_dumps(self.dir, self.records()))
 
     def rank_states(self) -> dict[int, str]:
         """Each rank's state in the node's latest attempt: alive, ended or starting
@@ -166,6 +199,7 @@ class NodeRecords:
             ]
             history.sort(key=lambda h: h["attempt"])
             last = history[-1]
+            frames = self.stop_frames.get((rank, recs[-1]["pid"]))
             rows.append(
                 {
                     "rank": rank,
@@ -177,6 +211,9 @@ class NodeRecords:
                     "status": last["status"],
                     "detail": last["detail"],
                     "wall_s": last["wall_s"],
+                    # Where its main thread was when the job stopped it (None: not stopped).
+                    "stopped_in": where(frames) if frames is not None else None,
+                    "frame": frames[0].as_dict() if frames else None,
                     "history": history[:-1],
                 }
             )
@@ -222,6 +259,8 @@ def build_summary(
     root_rank = getattr(error, "rank", None)
     # An exception may have no message at all (torch's RendezvousClosedError()).
     root_text = (str(error).splitlines() or [type(error).__name__])[0] if error else None
+    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code > 128:
+        root_text = f"stopped by {_signal_name(error.code - 128)} (exit status {error.code})"
     for row in ordered:
         is_root = root_rank is not None and row["rank"] == root_rank
         row["root_cause"] = error_line(row) if is_root else None
@@ -286,22 +325,39 @@ def render_table(summary: Mapping[str, Any]) -> str:
         f"{summary['nnodes']} node(s) x {summary['nproc_per_node']} worker(s), "
         f"run id {summary['run_id']}"
     )
-    columns = ("rank", "node", "host", "pid", "attempts", "exit status", "wall", "root cause")
+    columns: tuple[str, ...] = (
+        "rank",
+        "node",
+        "host",
+        "pid",
+        "attempts",
+        "exit status",
+        "wall",
+        "root cause",
+    )
+    stopped = {r["rank"]: r["stopped_in"] for r in summary["ranks"] if r.get("stopped_in")}
+    if stopped:
+        columns += ("stopped in",)
     lines = []
     for row in summary["ranks"]:
-        lines.append(
-            (
-                str(row["rank"]),
-                str(row["node"]),
-                clip(str(row["host"]), 24),
-                "-" if row["pid"] is None else str(row["pid"]),
-                str(row["attempts"]),
-                clip(_status_cell(row), 28),
-                f"{row['wall_s']:.1f}s",
-                clip(str(row["root_cause"] or ""), 60),
-            )
+        cells: tuple[str, ...] = (
+            str(row["rank"]),
+            str(row["node"]),
+            clip(str(row["host"]), 24),
+            "-" if row["pid"] is None else str(row["pid"]),
+            str(row["attempts"]),
+            clip(_status_cell(row), 28),
+            f"{row['wall_s']:.1f}s",
+            clip(str(row["root_cause"] or ""), 60),
         )
+        if stopped:
+            cells += (clip(str(row.get("stopped_in") or ""), 70),)
+        lines.append(cells)
     out = [head, *format_columns(columns, lines, right={0, 1, 3, 4, 6})]
+    if stopped:
+        out.append("where the ranks were when the job stopped them (stacks in each rank's log):")
+        for ranks, text in group_by_frame(stopped):
+            out.append(f"  {rank_label(ranks)}: {text}")
     for row in summary["ranks"]:
         for past in row.get("history", ()):
             if past["status"] in ("raised", "killed", "exited"):

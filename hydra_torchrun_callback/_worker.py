@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback import _pickling
-from hydra_torchrun_callback._summary import WorkerRecord
+from hydra_torchrun_callback._stacks import arm_worker
+from hydra_torchrun_callback._summary import RECORDS_ENV, WorkerRecord
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
@@ -181,7 +182,15 @@ def rank_logging_config(job_logging: dict[str, Any], rank: int) -> dict[str, Any
     return conf
 
 
-def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> Any:
+def adopt_agent_env(env: dict[str, str]) -> None:
+    """Take the agent's environment at launch (a forkserver's is older), except what
+    torch set for this very worker."""
+    for key, value in env.items():
+        if key not in _TORCH_WORKER_KEYS:
+            os.environ[key] = value
+
+
+def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     """Restore the Hydra job's state in this process; return the task's config."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobRuntime, configure_log, setup_globals
@@ -189,9 +198,6 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
     from omegaconf.basecontainer import BaseContainer
 
     config = payload.config
-    for key, value in env.items():
-        if key not in _TORCH_WORKER_KEYS:  # torch set those for this very worker
-            os.environ[key] = value
     if "OMP_NUM_THREADS" in os.environ and "torch" in sys.modules:
         # torch may have been imported (preloaded) before the variable was set.
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -225,6 +231,14 @@ def _enter_hydra_job(payload: WorkerPayload, rank: int, env: dict[str, str]) -> 
     with read_write(config), open_dict(config):
         del config["hydra"]
     return config
+
+
+def _rank_log_file() -> Optional[str]:
+    """The file this rank's log lines go to (where its stack dumps are appended)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return str(handler.baseFilename)
+    return None
 
 
 def _claim_first_failure(rank: int, exc: BaseException) -> None:
@@ -327,11 +341,15 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     """
     die_with_parent()
     atexit.register(_fast_exit)
-    record = WorkerRecord(os.environ)
     rank = int(os.environ["RANK"])
+    adopt_agent_env(env or {})
+    # Before the record exists: a worker the node knows of can always be asked for stacks.
+    arm_worker(os.environ.get(RECORDS_ENV), rank)
+    record = WorkerRecord(os.environ)
     try:
         payload: WorkerPayload = _pickling.loads(payload_bytes)
-        task_cfg = _enter_hydra_job(payload, rank, env or {})
+        task_cfg = _enter_hydra_job(payload, rank)
+        record.note(log=_rank_log_file())
         try:
             value = payload.task(task_cfg)
         except BaseException as exc:

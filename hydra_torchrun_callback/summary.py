@@ -3,8 +3,14 @@
     python -m hydra_torchrun_callback.summary multirun/2026-11-22/12-00-00
     python -m hydra_torchrun_callback.summary outputs/ --ranks     # each job's rank table too
     python -m hydra_torchrun_callback.summary multirun/... --json  # for scripts
+    hydra-torchrun-summary --stacks outputs/2026-11-22/12-00-00    # where is each rank now?
 
-Exit status: 0 when every job found COMPLETED, 1 when some did not, 2 when none was found.
+``--stacks`` asks every node of each running job under the folder to dump its ranks'
+Python stacks (nothing stops) and prints the ranks grouped by where they are; each
+rank's full dump is appended to its log. It works from any host that sees the output dir.
+
+Exit status: 0 when every job found COMPLETED (``--stacks``: every node answered), 1 when
+some did not, 2 when none was found.
 """
 
 from __future__ import annotations
@@ -87,9 +93,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("root", type=Path, help="a job, sweep or outputs directory")
     parser.add_argument("--ranks", action="store_true", help="also print each job's rank table")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    parser.add_argument(
+        "--stacks",
+        action="store_true",
+        help="dump and print the Python stacks of every rank of the running job(s)",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="with --stacks: print every thread of each group"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=15.0, help="with --stacks: seconds to wait for nodes"
+    )
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
+    if args.stacks:
+        return _stacks(args.root, args.timeout, args.full, args.json)
     jobs = collect(args.root)
     if not jobs:
         print(f"no {SUMMARY_FILE} under {args.root} (was summary=false?)", file=sys.stderr)
@@ -102,6 +121,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for job in jobs:
                 print(f"\n{job['job']}: " + render_table(job))
     return 0 if all(job["status"] == "COMPLETED" for job in jobs) else 1
+
+
+def _stacks(root: Path, timeout: float, full: bool, as_json: bool) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hydra_torchrun_callback._stacks import (
+        NoRunningJob,
+        render_stacks,
+        request_stacks,
+        running_jobs,
+    )
+
+    jobs = running_jobs(root)
+    if not jobs:
+        print(
+            f"no running torchrun job under {root} (a job's folder holds "
+            ".torchrun_stacks/job.json while it runs)",
+            file=sys.stderr,
+        )
+        return 2
+
+    def ask(job: Path) -> Optional[dict[str, Any]]:
+        try:
+            return request_stacks(job, timeout)
+        except (NoRunningJob, OSError):  # it ended meanwhile
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+        answered = [(j, r) for j, r in zip(jobs, pool.map(ask, jobs), strict=True) if r is not None]
+    if not answered:
+        print(f"the job(s) under {root} ended before they could answer", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps([{"job": str(j), **r} for j, r in answered], indent=2))
+    else:
+        print("\n\n".join(render_stacks(str(j), r, full) for j, r in answered))
+    return 0 if all(not r["missing_nodes"] for _, r in answered) else 1
 
 
 if __name__ == "__main__":

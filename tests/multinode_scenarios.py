@@ -202,3 +202,86 @@ def lightning_two_nodes(
     assert task0["status"] == "COMPLETED"
     assert task0["value"] == facts[0]["metrics"] and "val_loss" in task0["value"]
     return time.monotonic() - start, facts
+
+
+def stacks_cli(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``hydra-torchrun-summary --stacks ROOT`` as a user runs it from another shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_torchrun_callback.summary", "--stacks", str(root), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def stacks_on_two_nodes(
+    tmp_path: Path, launcher: list[str], env: dict[str, str], stop: Any = None
+) -> None:
+    """Where is every rank of a hung 2-node job: on demand (the job goes on), then when it
+    stops (rank 3 raises, or ``stop()``: scancel), in each rank's log and the summary."""
+    from conftest import wait_started
+
+    out = tmp_path / "multi"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(APPS / "hang_app.py"),
+            "-m",
+            "hydra/callbacks=torchrun",
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            *launcher,
+            "collective=false",
+            "fail_rank=3",
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    job = out / "0"
+    try:
+        wait_started(job, 4, proc)
+        asked = time.monotonic()
+        cli = stacks_cli(out, env)  # the sweep dir: it finds the running job in it
+        answered = time.monotonic() - asked
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "4/4 rank(s) dumped, 2/2 node(s) answered" in cli.stdout, cli.stdout
+        assert "ranks 0-2: wait_for_data (hang_app.py:" in cli.stdout, cli.stdout
+        assert "rank 3: wait_for_release (hang_app.py:" in cli.stdout, cli.stdout
+        assert answered < 10, answered
+        assert proc.poll() is None  # asking did not stop anything
+        if stop is None:
+            (job / "release").touch()
+        else:
+            stop()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output
+    logs = {r: (job / f"hang_app_rank{r}.log").read_text() for r in range(4)}
+    for rank, text in logs.items():
+        assert f"stacks of rank {rank} (pid" in text and ", on request," in text, text
+        assert "in prefetch_loop" in text  # every thread, not only the main one
+    stopped = range(3) if stop is None else range(4)
+    for rank in stopped:
+        assert ", when the job stopped it," in logs[rank], logs[rank]
+    assert not (job / ".torchrun_stacks").exists()  # node 0 cleaned up
+    summary = json.loads((job / "torchrun_summary.json").read_text())
+    rows = {row["rank"]: row for row in summary["ranks"]}
+    if stop is not None:  # every node reported where its ranks were
+        assert sorted(rows) == [0, 1, 2, 3], summary
+        assert {row["node"] for row in rows.values()} == {0, 1}
+        for rank in range(3):
+            assert rows[rank]["stopped_in"].startswith("wait_for_data (hang_app.py:"), rows
+        assert rows[3]["stopped_in"].startswith("wait_for_release (hang_app.py:"), rows
+    else:
+        assert rows[3]["root_cause"] and "data shard missing" in rows[3]["root_cause"]
+        for rank in range(3):
+            assert rows[rank]["stopped_in"].startswith("wait_for_data (hang_app.py:"), rows
+            assert rows[rank]["frame"]["function"] == "wait_for_data"
+        node_log = (job / "hang_app.log").read_text()
+        assert "ranks 0-2: wait_for_data (hang_app.py:" in node_log, node_log

@@ -28,3 +28,7 @@ def test_preempted_and_requeued(tmp_path: Path) -> None:
 
 def test_lightning_on_two_emulated_nodes(tmp_path: Path) -> None:
     sc.lightning_two_nodes(tmp_path, LOCAL, app_env())
+
+
+def test_stacks_of_every_rank_on_two_nodes(tmp_path: Path) -> None:
+    sc.stacks_on_two_nodes(tmp_path, LOCAL, app_env())

@@ -209,3 +209,19 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
     time.sleep(1)
     assert processes_with_tag(tag) == []
     assert len(started) == 4
+
+
+def test_stacks_of_every_rank_on_the_cluster(cluster: SlurmSandbox, tmp_path: Path) -> None:
+    """hydra-torchrun-summary --stacks reaches both nodes; scancel dumps every rank."""
+    env = _env(cluster)
+
+    def scancel() -> None:
+        jobs = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        for job in jobs:
+            subprocess.run(["scancel", job], env=env, check=True, timeout=30)
+
+    start = time.monotonic()
+    sc.stacks_on_two_nodes(tmp_path, SLURM, env, stop=scancel)
+    TIMINGS["stacks on demand + scancel"] = time.monotonic() - start

@@ -159,6 +159,15 @@ def test_table_layout_matches_golden() -> None:
     )
     assert render_table(summary) + "\n" == (GOLDEN / "summary_table.txt").read_text()
 
+    # A job stopped while ranks hung: where each one was, per rank and grouped.
+    rows[0]["stopped_in"] = "all_reduce (distributed_c10d.py:3252) <- main (train.py:42)"
+    rows[3]["stopped_in"] = rows[0]["stopped_in"]
+    rows[1]["stopped_in"] = "__next__ (dataloader.py:708) <- main (train.py:38)"
+    summary = build_summary(
+        rows, run_id="job42", nnodes=2, nproc_per_node=2, wall_s=13.04, error=err
+    )
+    assert render_table(summary) + "\n" == (GOLDEN / "summary_table_stopped.txt").read_text()
+
 
 def test_rank_stopped_before_it_started_still_counts_the_attempt(monkeypatch) -> None:
     """The agent restarts the whole group: a rank killed before its task began (no record
