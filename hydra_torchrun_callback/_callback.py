@@ -326,8 +326,16 @@ class TorchrunCallback(Callback):
         """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
         from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
         from hydra_torchrun_callback._launch import launch
+        from hydra_torchrun_callback._placement import candidate_ports
+        from hydra_torchrun_callback._store import SecretError, load_secret
 
-        coord = JobCoordinator(placement, opts.peer_timeout)
+        try:
+            secret = load_secret(os.environ)
+        except (SecretError, OSError) as exc:
+            raise TorchrunSetupError(str(exc)) from exc
+        ports = None if opts.master_port is not None else candidate_ports(placement.cluster.job_id)
+        coord = JobCoordinator(placement, opts.peer_timeout, secret, ports=ports)
+        placement = coord.placement  # with the port the job's store was found on
         node0 = placement.node_rank == 0
         records = report.records
 

@@ -2,16 +2,19 @@
 
 Node 0's Hydra process hosts the store on the job's rendezvous port; every
 node's agent (node 0's too) joins it as a c10d rendezvous client, and the Hydra
-processes use a private key space in it to:
+processes use a private, signed key space in it (see :mod:`._store`) to:
 
 - carry global rank 0's pickled return value to node 0, wherever rank 0 ran
   (under c10d rendezvous it need not be on node 0: pytorch #137402);
 - publish the first failure (the root cause) so that every node reports it;
-- mark each node done, so node 0 keeps the store up until everyone has read it;
-- exchange heartbeats, so a node whose Hydra process died is noticed.
+- beat: each node rewrites its heartbeat key every second (with its ranks' states and
+  whether it is done); node 0 alone reads them all, in one round trip;
+- stop: the job's one ``failure`` key, which every node polls.
 
-A watchdog thread per node interrupts the local agent when another node failed
-or went silent, so no node waits for a collective or rendezvous timeout.
+So coordination costs O(n) store calls per second: node 0 watches the heartbeats and
+publishes a lost node as the job's failure; the other nodes watch that one key. A
+watchdog thread per node interrupts the local agent when the job failed elsewhere, so
+no node waits for a collective or rendezvous timeout.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
-from datetime import timedelta
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 from hydra_torchrun_callback._placement import Placement
@@ -34,6 +36,14 @@ from hydra_torchrun_callback._result import (
     TorchrunSetupError,
     is_crash,
     job_error,
+)
+from hydra_torchrun_callback._store import (
+    ForeignStoreError,
+    Signer,
+    decode_error,
+    encode_error,
+    host_job_store,
+    join_job_store,
 )
 
 __all__ = ["JobCoordinator", "StacksRelay"]
@@ -46,137 +56,140 @@ _POLL_S = 0.25
 FIRST_FAILED_KEY = "first_failed_rank"
 #: What the claiming worker raised (JSON), written right after its claim.
 FIRST_FAILURE_KEY = "first_failure"
-#: Environment variable telling workers where to claim it: "host:port prefix".
+#: Environment variable telling workers where to claim it: "host:port prefix session".
 JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
 _HEARTBEAT_S = 1.0
+#: The job's failure slot holds this until a node fills it.
+_NO_FAILURE = b""
 
 
-def _open_store(host: str, port: int, server: bool, timeout: float) -> Any:
-    """Host (node 0) or join the job's TCPStore, within ``timeout`` seconds.
-
-    A client's handshake can block for ever when something else listens on the
-    port (node 0 could not host the store there): the connection is made in a
-    helper thread and abandoned past the deadline.
-    """
-    import torch.distributed as dist
-
-    def connect() -> Any:
-        return dist.TCPStore(  # type: ignore[attr-defined]
-            host_name=host,
-            port=port,
-            world_size=None,
-            is_master=server,
-            timeout=timedelta(seconds=timeout),
-            wait_for_workers=False,
-            multi_tenant=False,
-        )
-
-    if server:
-        return connect()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["store"] = connect()
-        except Exception as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="torchrun-store-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if "store" in box:
-        return box["store"]
-    raise box.get("error") or TimeoutError(f"no job store answered at {host}:{port}")
+def _hb(node: int) -> str:
+    return f"hb/{node}"
 
 
 class JobCoordinator:
     """This node's handle on the job store (node 0 hosts it)."""
 
-    def __init__(self, placement: Placement, peer_timeout: float):
+    def __init__(
+        self,
+        placement: Placement,
+        peer_timeout: float,
+        secret: bytes,
+        ports: Optional[Sequence[int]] = None,
+        join_timeout: Optional[float] = None,
+        abort: Optional[Callable[[TorchrunJobError], None]] = None,
+    ):
         assert placement.cluster is not None
-        self.placement = placement
         self.node = placement.node_rank
         self.nnodes = placement.max_nodes
         self.peer_timeout = peer_timeout
         host, port = placement.rdzv_endpoint.rsplit(":", 1)
-        self.prefix = f"hydra_torchrun/{placement.run_id}/"
+        candidates = list(ports or [int(port)])
+        prefix = f"hydra_torchrun/{placement.run_id}/"
         self.is_server = self.node == 0
+        #: A peer that never beat counts as lost after this (it may start late).
+        self.never_beat_timeout = join_timeout or max(2 * peer_timeout, 60.0)
         # Node 0 may start a little later than the others (imports, scheduling).
         connect_timeout = 2 * peer_timeout
+        initial = {
+            _hb(n): json.dumps({"beat": 0, "done": False}).encode() for n in range(self.nnodes)
+        }
+        initial["failure"] = _NO_FAILURE
         try:
-            self.store = _open_store(host, int(port), self.is_server, connect_timeout)
+            if self.is_server:
+                self.js, chosen = host_job_store(
+                    host, candidates, secret, placement.run_id, prefix, connect_timeout, initial
+                )
+            else:
+                self.js, chosen = join_job_store(
+                    host, candidates, secret, placement.run_id, prefix, connect_timeout
+                )
+        except ForeignStoreError as exc:
+            raise TorchrunSetupError(
+                f"node {self.node} found no store of this job: {exc}. Another job holds the "
+                "derived ports, or node 0 uses another key file (nodes must share "
+                "~/.config/hydra-torchrun-callback/secret, or set HYDRA_TORCHRUN_SECRET_FILE "
+                "to a shared path), or node 0 did not start. Fix: set "
+                "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
+            ) from exc
         except Exception as exc:
             if self.is_server:
                 raise TorchrunSetupError(
-                    f"node 0 could not host the job's rendezvous store on port {port} "
-                    f"({type(exc).__name__}: {exc}). Another process holds it: set "
+                    f"node 0 could not host the job's rendezvous store on ports {candidates} "
+                    f"({type(exc).__name__}: {exc}). Other processes hold them: set "
                     "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
                 ) from exc
             raise TorchrunSetupError(
                 f"node {self.node} could not reach the job's rendezvous store at "
-                f"{placement.rdzv_endpoint} within {connect_timeout:.0f}s "
+                f"{host} (ports {candidates}) within {connect_timeout:.0f}s "
                 f"({type(exc).__name__}: {exc}). Is node 0 running, and does its address "
                 "resolve from here? (set hydra.callbacks.torchrun.master_addr / local_addr)"
             ) from exc
+        #: The placement with the port the store was found on.
+        self.placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")
+        self.store = self.js.store
         self.abort_reason: Optional[TorchrunJobError] = None
         #: What workers need to claim the first failure (see FIRST_FAILED_KEY).
-        self.worker_env = {JOB_STORE_ENV: f"{host}:{port} {self.prefix}"}
+        self.worker_env = {JOB_STORE_ENV: f"{host}:{chosen} {prefix} {self.js.signer.session}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._states: Optional[Callable[[], Mapping[int, str]]] = None
+        self._beats = 0
+        self._done = False
+        self._peers: dict[int, dict[str, Any]] = {}  # node 0: the last heartbeats read
         self._main_pid = os.getpid()
+        self._on_abort = abort or self._signal_agent
 
-    # -- keys -----------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        return self.prefix + name
-
-    def _set(self, name: str, value: bytes) -> None:
-        self.store.set(self._key(name), value)
-
-    def _has(self, name: str) -> bool:
-        return bool(self.store.check([self._key(name)]))
-
-    def _get(self, name: str) -> bytes:
-        return bytes(self.store.get(self._key(name)))
+    @property
+    def signer(self) -> Signer:
+        return self.js.signer
 
     # -- what nodes tell each other --------------------------------------------
     def put_result(self, data: bytes) -> None:
-        self._set("result", data)
+        self.js.put_large("result", data)
 
     def first_failed_rank(self) -> Optional[int]:
         """The global rank whose worker raised first (claimed by the worker itself)."""
-        if not self._has(FIRST_FAILED_KEY):
-            return None
-        return int(self.store.get(self._key(FIRST_FAILED_KEY)))
+        payload = self.js.get(FIRST_FAILED_KEY)
+        return None if payload is None else int(payload)
 
     def report_failure(self, error: TorchrunJobError) -> None:
         """Publish this node's failure. The root cause (the rank that claimed the first
         failure) always wins the job's slot; any other failure only fills an empty one.
         Each node's own report is kept too: it is the last word on that node's ranks."""
-        blob = pickle.dumps(error)
-        self._set(f"failure/{self.node}", blob)
+        blob = encode_error(error)
+        self.js.set(f"failure/{self.node}", blob)
         if error.rank is not None and error.rank == self.first_failed_rank():
-            self._set("failure", blob)
+            self.js.set("failure", blob)
         else:
-            self.store.compare_set(self._key("failure"), "", blob)
+            self.js.replace_if("failure", _NO_FAILURE, blob)
 
     def _read_error(self, name: str) -> Optional[TorchrunJobError]:
-        if not self._has(name):
+        payload = self.js.get(name)
+        if not payload:  # absent, forged, or the empty slot
             return None
-        err = pickle.loads(self._get(name))
-        return err if isinstance(err, TorchrunJobError) else None
+        try:
+            return decode_error(payload)  # type: ignore[no-any-return]
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def _node_failure(self, node: int) -> Optional[TorchrunJobError]:
         return self._read_error(f"failure/{node}")
 
     def failure(self) -> Optional[TorchrunJobError]:
-        return self._read_error("failure")
+        payload = self.js.get_present("failure")
+        if not payload:
+            return None
+        try:
+            return decode_error(payload)  # type: ignore[no-any-return]
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def claimed_failure(self) -> Optional[TorchrunJobError]:
         """The first failure as its worker described it (no agent needed)."""
-        if not self._has(FIRST_FAILURE_KEY):
+        d = self.js.get_json(FIRST_FAILURE_KEY)
+        if not isinstance(d, dict):
             return None
-        d = json.loads(self._get(FIRST_FAILURE_KEY))
         return job_error(
             rank=int(d["rank"]),
             local_rank=int(d["local_rank"]),
@@ -247,7 +260,7 @@ class JobCoordinator:
 
     def put_rows(self, rows: list[dict[str, Any]]) -> None:
         """This node's rows of the job summary (read by node 0)."""
-        self._set(f"rows/{self.node}", json.dumps(rows).encode())
+        self.js.put_large(f"rows/{self.node}", json.dumps(rows).encode())
 
     def gather_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
         """Node 0: every node's summary rows, and the nodes that sent none."""
@@ -255,54 +268,77 @@ class JobCoordinator:
         missing = []
         for node in range(self.nnodes):
             try:
-                if not self._has(f"rows/{node}"):
+                data = self.js.get_large(f"rows/{node}")
+                if data is None:
                     missing.append(node)
                     continue
-                rows.extend(json.loads(self._get(f"rows/{node}")))
+                rows.extend(row for row in json.loads(data) if isinstance(row, dict))
             except Exception:
                 missing.append(node)
         return rows, missing
 
     def states_elsewhere(self) -> dict[int, str]:
-        """Rank states the other nodes last published (for node 0's heartbeat)."""
+        """Rank states the other nodes last published (node 0, for its heartbeat line)."""
         states: dict[int, str] = {}
-        for peer in range(self.nnodes):
-            if peer == self.node:
-                continue
-            with contextlib.suppress(Exception):
-                if self._has(f"states/{peer}"):
-                    published = json.loads(self._get(f"states/{peer}"))
-                    states.update({int(rank): str(state) for rank, state in published.items()})
+        for peer, beat in list(self._peers.items()):
+            if peer != self.node:
+                published = beat.get("states") or {}
+                states.update({int(rank): str(state) for rank, state in published.items()})
         return states
 
     # -- stack requests (node 0 relays what it found in the output dir) -----------
     def publish_stacks_request(self, request: str) -> None:
-        count = self.store.add(self._key("stacks/count"), 1)
-        self._set(f"stacks/{count}", request.encode())
+        count = self.js.counter("stacks/count", 1)
+        self.js.set(f"stacks/{count}", request.encode())
 
     def stacks_requests(self, after: int) -> tuple[int, list[str]]:
         """Requests numbered above ``after``: (latest number, their ids)."""
-        count = int(self.store.add(self._key("stacks/count"), 0))
-        return count, [self._get(f"stacks/{n}").decode() for n in range(after + 1, count + 1)]
+        count = self.js.counter("stacks/count")
+        found = []
+        for n in range(after + 1, count + 1):
+            payload = self.js.get(f"stacks/{n}")
+            if payload is not None:
+                found.append(payload.decode(errors="replace"))
+        return count, found
+
+    # -- heartbeats -----------------------------------------------------------------
+    def _beat(self) -> None:
+        self._beats += 1
+        beat: dict[str, Any] = {"beat": self._beats, "done": self._done}
+        if self._states is not None and not self._done:
+            beat["states"] = {str(k): v for k, v in self._states().items()}
+        self.js.set_json(_hb(self.node), beat)
+
+    def _read_beats(self) -> dict[int, dict[str, Any]]:
+        """Node 0: every node's last heartbeat, in one round trip (forged ones skipped)."""
+        payloads = self.js.multi_get([_hb(n) for n in range(self.nnodes)])
+        beats = {}
+        for node, payload in enumerate(payloads):
+            if payload is not None:
+                with contextlib.suppress(ValueError):
+                    beats[node] = json.loads(payload)
+        return beats
 
     def mark_done(self) -> None:
-        self._set(f"done/{self.node}", b"1")
+        self._done = True
+        self._beat()
 
     def wait_all_done(self, timeout: float) -> list[int]:
         """Node 0: wait until every node has said done; return the ones that did not."""
         deadline = time.monotonic() + timeout
-        missing = list(range(self.nnodes))
-        while missing and time.monotonic() < deadline:
-            missing = [n for n in missing if not self._has(f"done/{n}")]
-            if missing:
-                time.sleep(_POLL_S)
-        return missing
+        while True:
+            beats = self._read_beats()
+            missing = [n for n in range(self.nnodes) if not beats.get(n, {}).get("done")]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(_POLL_S)
 
     def wait_result(self, timeout: float) -> Optional[bytes]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._has("result"):
-                return self._get("result")
+            data = self.js.get_large("result")
+            if data is not None:
+                return data
             if self.failure() is not None:
                 return None
             time.sleep(_POLL_S)
@@ -310,7 +346,8 @@ class JobCoordinator:
 
     # -- the watchdog -------------------------------------------------------------
     def start_watchdog(self, states: Optional[Callable[[], Mapping[int, str]]] = None) -> None:
-        """Watch the other nodes; ``states`` gives this node's rank states to publish."""
+        """Beat, and watch the job's failure key (node 0: every node's heartbeat too);
+        ``states`` gives this node's rank states to publish."""
         self._states = states
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="torchrun-watchdog", daemon=True)
@@ -321,26 +358,31 @@ class JobCoordinator:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def _signal_agent(self, reason: TorchrunJobError) -> None:
+        os.kill(self._main_pid, signal.SIGTERM)
+
     def _abort(self, reason: TorchrunJobError) -> None:
         """Interrupt this node's agent: it stops its workers and returns."""
         if self.abort_reason is None:
             self.abort_reason = reason
             log.error("stopping this node's workers: %s", str(reason).splitlines()[0])
-            os.kill(self._main_pid, signal.SIGTERM)
+            self._on_abort(reason)
 
     def _watch(self) -> None:
         last_beat = 0.0
         seen: dict[int, tuple[int, float]] = {}
+        started = time.monotonic()
         unreachable_since: Optional[float] = None
         while not self._stop.wait(_POLL_S):
             now = time.monotonic()
             try:
-                if now - last_beat >= _HEARTBEAT_S:
-                    self.store.add(self._key(f"hb/{self.node}"), 1)
-                    if self._states is not None:
-                        self._set(f"states/{self.node}", json.dumps(self._states()).encode())
+                beat_due = now - last_beat >= _HEARTBEAT_S
+                if beat_due:
+                    self._beat()
                     last_beat = now
                 failure = self.failure()
+                if self.is_server and beat_due:
+                    self._peers = self._read_beats()
                 unreachable_since = None
             except Exception as exc:  # the store (node 0) is gone
                 unreachable_since = unreachable_since or now
@@ -358,29 +400,43 @@ class JobCoordinator:
             if failure is not None and failure.node_rank != self.node:
                 self._abort(failure)
                 return
-            for peer in range(self.nnodes):
-                if peer == self.node:
-                    continue
-                try:
-                    beats = self.store.add(self._key(f"hb/{peer}"), 0)
-                except Exception:
-                    break
-                if self._has(f"done/{peer}"):
-                    continue
-                count, since = seen.get(peer, (-1, now))
-                if beats != count:
-                    seen[peer] = (beats, now)
-                elif beats > 0 and now - since > self.peer_timeout:
-                    err = TorchrunJobError(
-                        f"node {peer} stopped sending heartbeats {now - since:.0f}s ago "
-                        "(its Hydra/agent process died or hangs): the job cannot finish",
-                        node=str(peer),
-                        node_rank=peer,
-                    )
+            if self.is_server and beat_due:
+                lost = self._lost_peer(seen, now, now - started)
+                if lost is not None:
                     with contextlib.suppress(Exception):
-                        self.report_failure(err)
-                    self._abort(err)
+                        self.report_failure(lost)
+                    self._abort(lost)
                     return
+
+    def _lost_peer(
+        self, seen: dict[int, tuple[int, float]], now: float, running: float
+    ) -> Optional[TorchrunJobError]:
+        """Node 0: the first peer whose heartbeat stopped (or never started in time)."""
+        for peer in range(1, self.nnodes):
+            beat = self._peers.get(peer)
+            if beat is None:  # forged or unreadable: judged by the last good one
+                continue
+            if beat.get("done"):
+                continue
+            count = int(beat.get("beat", 0))
+            last, since = seen.get(peer, (-1, now))
+            if count != last:
+                seen[peer] = (count, now)
+            elif count > 0 and now - since > self.peer_timeout:
+                return TorchrunJobError(
+                    f"node {peer} stopped sending heartbeats {now - since:.0f}s ago "
+                    "(its Hydra/agent process died or hangs): the job cannot finish",
+                    node=str(peer),
+                    node_rank=peer,
+                )
+            elif count == 0 and running > self.never_beat_timeout:
+                return TorchrunJobError(
+                    f"node {peer} never joined the job's store within "
+                    f"{self.never_beat_timeout:.0f}s (it did not start, or cannot reach node 0)",
+                    node=str(peer),
+                    node_rank=peer,
+                )
+        return None
 
     def close(self) -> None:
         self.stop_watchdog()

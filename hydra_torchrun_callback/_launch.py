@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
 from hydra_torchrun_callback._proc import alive, descendants
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
+from hydra_torchrun_callback._store import Signer, load_secret, rendezvous_signer
 from hydra_torchrun_callback._summary import NodeRecords
 
 __all__ = ["AgentResult", "launch"]
@@ -238,6 +240,10 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
         tee=_std(opts.tee),
         local_ranks_filter=set(opts.local_ranks_filter) if opts.local_ranks_filter else None,
     )
+    from hydra_torchrun_callback._store import BACKEND_NAME
+
+    # c10d's state (a pickle torch reads from the store) goes through the signed backend.
+    backend = BACKEND_NAME if placement.rdzv_backend == "c10d" else placement.rdzv_backend
     return LaunchConfig(
         min_nodes=placement.min_nodes,
         max_nodes=placement.max_nodes,
@@ -246,7 +252,7 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
         run_id=placement.run_id,
         role=opts.role,
         rdzv_endpoint=placement.rdzv_endpoint,
-        rdzv_backend=placement.rdzv_backend,
+        rdzv_backend=backend,
         rdzv_configs=dict(placement.rdzv_configs),
         max_restarts=opts.max_restarts,
         monitor_interval=opts.monitor_interval,
@@ -286,6 +292,9 @@ def launch(
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)
+    # torch's spawn has each worker pickle its traceback into a file in the temp dir
+    # (world-readable, never removed): they go to this private folder, removed after.
+    private_tmp = tempfile.mkdtemp(prefix="hydra_torchrun_tmp_")
     attempts = 3 if placement.port_picked else 1
     try:
         for attempt in range(attempts):
@@ -293,6 +302,8 @@ def launch(
                 isolated_process_state(records),
                 no_main_reimport(),
                 forward_preemption(preemption_signal(os.environ)),
+                private_tempdir(private_tmp),
+                rendezvous_signer(placement.run_id, _rendezvous_signer(placement, coord)),
             ):
                 # A fresh worker store per attempt. With the agent's shared store (torch's
                 # default) a restarted group finds the failed attempt's keys, and gloo's
@@ -343,8 +354,30 @@ def launch(
             return AgentResult(dict(values), placement)
         raise AssertionError("unreachable")
     finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
         if own_log_dir:
             shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_tempdir(path: str) -> Iterator[None]:
+    """Point this process's ``tempfile`` (what torch's spawn uses) at ``path``."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+def _rendezvous_signer(placement: Placement, coord: Optional[JobCoordinator]) -> Signer:
+    """What signs the rendezvous state: the job store's signer on a cluster; a secret
+    that never leaves this process on one machine; the user's key for hand-wired nodes."""
+    if coord is not None:
+        return coord.signer
+    if placement.source == "local":
+        return Signer(secrets.token_bytes(32), placement.run_id)
+    return Signer(load_secret(os.environ), placement.run_id)
 
 
 def _with_port(placement: Placement, port: int) -> Placement:

@@ -259,14 +259,15 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
     if not spec:
         return
     try:
-        import json
         import socket
         import traceback
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        address, prefix = spec.split(" ", 1)
+        from hydra_torchrun_callback._store import JobStore, Signer, cap_text, load_secret
+
+        address, prefix, session = spec.split(" ", 2)
         host, port = address.rsplit(":", 1)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             host,
@@ -275,18 +276,18 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
             timeout=timedelta(seconds=5),
             wait_for_workers=False,
         )
-        holder = store.compare_set(prefix + FIRST_FAILED_KEY, "", str(rank))
-        if bytes(holder).decode() == str(rank):
+        job_store = JobStore(store, prefix, Signer(load_secret(os.environ), session))
+        if job_store.claim(FIRST_FAILED_KEY, str(rank).encode()):
             detail = {
                 "rank": rank,
                 "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
                 "node_rank": int(os.environ.get("GROUP_RANK", 0)),
                 "node": socket.gethostname(),
                 "exc_type": type(exc).__name__,
-                "exc_message": str(exc),
-                "traceback": traceback.format_exc(),
+                "exc_message": cap_text(str(exc)),
+                "traceback": cap_text(traceback.format_exc(), keep_tail=True),
             }
-            store.set(prefix + FIRST_FAILURE_KEY, json.dumps(detail))
+            job_store.set_json(FIRST_FAILURE_KEY, detail)
     except Exception:  # never mask the task's own error
         pass
 

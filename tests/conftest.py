@@ -6,12 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Tests never touch the user's own job-store key file: one key for the whole session
+# (app subprocesses, submitit and SLURM jobs inherit the variable).
+os.environ.setdefault(
+    "HYDRA_TORCHRUN_SECRET_FILE", str(Path(tempfile.mkdtemp(prefix="htr-key-")) / "secret")
+)
 
 REPO = Path(__file__).resolve().parents[1]
 APPS = REPO / "tests" / "apps"

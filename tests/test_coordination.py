@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -11,6 +12,7 @@ from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import parse_options
 from hydra_torchrun_callback._placement import resolve_placement
 from hydra_torchrun_callback._result import job_error
+from hydra_torchrun_callback._store import load_secret
 from hydra_torchrun_callback._worker import _claim_first_failure
 
 
@@ -28,7 +30,7 @@ def _coordinator(node: int, port: int) -> JobCoordinator:
         "SUBMITIT_LOCAL_NTASKS": "2",
     }
     placement = resolve_placement(parse_options({"master_port": port}), env, 1)
-    return JobCoordinator(placement, peer_timeout=5)
+    return JobCoordinator(placement, peer_timeout=5, secret=load_secret(os.environ))
 
 
 @pytest.fixture
