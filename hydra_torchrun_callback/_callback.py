@@ -96,6 +96,20 @@ _REPORT = (
 )
 
 
+def _forgery_note() -> str:
+    """Why a launch may have failed, if another process wrote into this job's store."""
+    if "hydra_torchrun_callback._store" not in sys.modules:
+        return ""
+    keys = sys.modules["hydra_torchrun_callback._store"].rejected_keys()
+    if not keys:
+        return ""
+    return (
+        f"Another process on the network wrote forged values into this job's store (keys "
+        f"{keys}; rejected unread): it can disrupt a rendezvous. Keep the cluster network "
+        "private or run the job again (README: threat model)."
+    )
+
+
 def _abort(step: str, exc: BaseException) -> TorchrunAbort:
     return TorchrunAbort(
         f"hydra/callbacks=torchrun failed while {step} ({type(exc).__name__}: {exc}); "
@@ -202,7 +216,8 @@ class TorchrunCallback(Callback):
                 outcome.error = exc
             else:
                 outcome.error = TorchrunSetupError(
-                    f"launching the torchrun workers failed: {type(exc).__name__}: {exc}. {_REPORT}"
+                    f"launching the torchrun workers failed: {type(exc).__name__}: {exc}. "
+                    + (_forgery_note() or _REPORT)
                 )
                 outcome.error.__cause__ = exc
         try:

@@ -5,7 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["TorchrunJobError", "TorchrunSetupError", "is_crash", "job_error", "root_cause_error"]
+__all__ = [
+    "TorchrunJobError",
+    "TorchrunSetupError",
+    "cap_text",
+    "is_crash",
+    "job_error",
+    "root_cause_error",
+]
+
+#: Error texts (exception message, traceback) are kept up to this many characters: they
+#: travel through the job store (8 MiB per value at most) and into logs.
+MAX_TEXT = 32 * 1024
+
+
+def cap_text(text: Any, keep_tail: bool = False) -> Any:
+    """``text`` cut to :data:`MAX_TEXT` characters, saying so (None stays None).
+
+    ``keep_tail`` keeps mostly the end (a traceback's end says where it was raised)."""
+    if text is None or len(text) <= MAX_TEXT:
+        return text
+    note = f"\n[... {len(text) - MAX_TEXT} characters cut: the text exceeded {MAX_TEXT} ...]\n"
+    head = MAX_TEXT // 8 if keep_tail else MAX_TEXT // 2
+    return text[:head] + note + text[-(MAX_TEXT - head) :]
 
 
 class TorchrunJobError(RuntimeError):
@@ -122,6 +144,8 @@ def job_error(
     others: Sequence[int] = (),
 ) -> TorchrunJobError:
     """The job's error in its one format: who failed, where, what, and the traceback."""
+    what, exc_message = cap_text(what), cap_text(exc_message)
+    traceback = cap_text(traceback, keep_tail=True)
     text = (
         f"torchrun worker rank {rank} (local rank {local_rank}, node {node_rank} on {node}) {what}"
     )

@@ -41,6 +41,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback._result import cap_text
+
 __all__ = [
     "JobStore",
     "SecretError",
@@ -60,8 +62,6 @@ MAGIC = b"HTR1"
 _MAC_LEN = 32
 #: TCPStore closes the connection of a client that sends a value over 8 MiB.
 CHUNK = 4 * 1024 * 1024
-#: Error texts (message, traceback) kept per failure record.
-MAX_TEXT = 32 * 1024
 #: How long a node tries a candidate port whose store never says hello.
 HELLO_WAIT_S = 3.0
 
@@ -167,6 +167,12 @@ class Signer:
 
 _rejected: set[str] = set()
 _rejected_lock = threading.Lock()
+
+
+def rejected_keys() -> list[str]:
+    """The keys whose forged values this process dropped (for error messages)."""
+    with _rejected_lock:
+        return sorted(_rejected)
 
 
 def reject(key: str) -> None:
@@ -278,26 +284,15 @@ class JobStore:
 
 
 # -- failure records (JSON, capped) ------------------------------------------------------
-def _cap(text: Optional[str], keep_tail: bool = False) -> Optional[str]:
-    if text is None or len(text) <= MAX_TEXT:
-        return text
-    cut = len(text) - MAX_TEXT
-    note = f"\n[... {cut} characters cut: the text exceeded {MAX_TEXT} ...]\n"
-    half = MAX_TEXT // 2
-    if keep_tail:  # a traceback: its end says where it was raised
-        return text[: half // 4] + note + text[-(MAX_TEXT - half // 4) :]
-    return text[:half] + note + text[-half:]
-
-
 _ERROR_FIELDS = ("rank", "local_rank", "node", "node_rank", "exc_type", "exitcode")
 
 
 def encode_error(error: Any) -> bytes:
     """A TorchrunJobError as JSON, texts capped (never a pickle)."""
     data = {name: getattr(error, name, None) for name in _ERROR_FIELDS}
-    data["message"] = _cap(str(error.args[0]) if error.args else str(error), keep_tail=True)
-    data["exc_message"] = _cap(getattr(error, "exc_message", None))
-    data["traceback"] = _cap(getattr(error, "traceback", None), keep_tail=True)
+    data["message"] = cap_text(str(error.args[0]) if error.args else str(error), keep_tail=True)
+    data["exc_message"] = cap_text(getattr(error, "exc_message", None))
+    data["traceback"] = cap_text(getattr(error, "traceback", None), keep_tail=True)
     return json.dumps(data).encode()
 
 
@@ -323,10 +318,6 @@ def decode_error(payload: bytes) -> Any:
         traceback=text("traceback"),
         exitcode=num("exitcode"),
     )
-
-
-def cap_text(text: str, keep_tail: bool = False) -> str:
-    return _cap(text, keep_tail) or ""
 
 
 # -- opening the store ---------------------------------------------------------------------
@@ -461,7 +452,7 @@ def join_job_store(
                     port,
                     "no hello" if blob is None else "hello not signed for this job",
                 )
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or foreign == set(ports):
             raise ForeignStoreError(
                 f"no store at {host} on ports {list(ports)} proved it belongs to job {run_id} "
                 f"within {timeout:.0f}s"
@@ -518,43 +509,50 @@ class SignedRendezvousBackend(_backend_base()):  # type: ignore[misc]
     """torch's c10d rendezvous backend with its state blob signed and verified.
 
     torch unpickles the state it gets from the backend; this one hands it only blobs that
-    carry the job's signature. A forged state is reported as absent and overwritten by the
-    next update, so the rendezvous goes on (or times out: denial of service, no code)."""
+    carry the job's signature. In place of a forged blob it hands back the last state it
+    verified, and the next update overwrites the forgery (its token is the forged value),
+    so the rendezvous keeps its members. An attacker who keeps overwriting the key can
+    delay or break the rendezvous (denial of service), never run code."""
 
     def __init__(self, inner: Any, signer: Signer) -> None:
         self.inner = inner
         self.signer = signer
-        self.key = getattr(inner, "_key", "torch.rendezvous")
+        self.key = str(getattr(inner, "_key", "torch.rendezvous"))
+        self._last: Optional[tuple[bytes, Any]] = None  # the last verified (state, token)
 
     @property
     def name(self) -> str:
         return BACKEND_NAME
 
-    def _verify(self, got: Any) -> Optional[bytes]:
-        blob = got[0]
+    def _verified(self, blob: bytes, token: Any) -> Optional[bytes]:
         payload = self.signer.open(self.key, bytes(blob))
         if payload is None:
             reject(self.key)
+            return None
+        self._last = (payload, token)
         return payload
 
     def get_state(self) -> Any:
         got = self.inner.get_state()
         if got is None:
             return None
-        payload = self._verify(got)
-        return None if payload is None else (payload, got[1])
+        payload = self._verified(got[0], got[1])
+        if payload is None:
+            return self._last
+        return payload, got[1]
 
     def set_state(self, state: bytes, token: Any = None) -> Any:
         sealed = self.signer.seal(self.key, state)
         got = self.inner.set_state(sealed, token)
         if got is None:
             return None
-        payload = self._verify(got)
-        if payload is None:
-            # A forged blob sits there: replace it (its token is the forged value itself).
+        if self.signer.open(self.key, bytes(got[0])) is None:
+            reject(self.key)
+            # A forgery sits there: overwrite it (its token is the forged value itself).
             got = self.inner.set_state(sealed, got[1])
-            if got is None or self._verify(got) is None:
+            if got is None:
                 return None
-            payload = self._verify(got)
-        assert payload is not None
+        payload = self._verified(got[0], got[1])
+        if payload is None:  # forged again meanwhile: the caller retries with our last
+            return None if self._last is None else (*self._last, False)
         return payload, got[1], got[2]

@@ -51,6 +51,10 @@ RECORDS_ENV = "HYDRA_TORCHRUN_RECORDS"
 SUMMARY_FILE = "torchrun_summary.json"
 
 
+#: A rank's outcome detail ("ValueError: boom") is cut to this many characters.
+_MAX_DETAIL = 1000
+
+
 # -- worker side -----------------------------------------------------------------
 class WorkerRecord:
     """This worker's record: written when it starts and again when its task ends."""
@@ -78,6 +82,9 @@ class WorkerRecord:
         self._write()
 
     def finish(self, status: str, detail: str = "") -> None:
+        # One line of a table: the full text is in the root cause and the rank's log.
+        if len(detail) > _MAX_DETAIL:
+            detail = detail[: _MAX_DETAIL - 3] + "..."
         self.data.update(ended=time.time(), status=status, detail=detail)
         self._write()
 

@@ -265,7 +265,8 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
 
         import torch.distributed as dist
 
-        from hydra_torchrun_callback._store import JobStore, Signer, cap_text, load_secret
+        from hydra_torchrun_callback._result import cap_text
+        from hydra_torchrun_callback._store import JobStore, Signer, load_secret
 
         address, prefix, session = spec.split(" ", 2)
         host, port = address.rsplit(":", 1)

@@ -68,7 +68,8 @@ def main(cfg: DictConfig) -> object:
             time.sleep(cfg.fail_delay)
         with open(os.path.join(hc.runtime.output_dir, "failed_at"), "w") as f:
             f.write(str(time.time()))
-        raise ValueError(f"probe failure on rank {rank} attempt {attempt}")
+        pad = "!" * int(cfg.fail_pad_mb * 1024 * 1024)  # a huge message (a tensor's repr...)
+        raise ValueError(f"probe failure on rank {rank} attempt {attempt}{pad}")
     if cfg.collective:
         import torch
         import torch.distributed as dist

@@ -1,0 +1,377 @@
+"""Another user on the cluster network against our stores: nothing it writes is ever
+unpickled, forged values never change a job's outcome, foreign stores are refused, and
+values too large for one TCPStore message still arrive.
+
+The attacker is a plain ``torch.distributed.TCPStore`` client that knows only the port
+(and the key names, from this source). Its pickles would create a marker directory if
+anything ever loaded them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from hydra_torchrun_callback._coordination import JobCoordinator
+from hydra_torchrun_callback._options import parse_options
+from hydra_torchrun_callback._placement import candidate_ports, resolve_placement
+from hydra_torchrun_callback._result import TorchrunSetupError
+from hydra_torchrun_callback._store import (
+    HELLO_WAIT_S,
+    JobStore,
+    SecretError,
+    Signer,
+    load_secret,
+)
+
+from conftest import APPS, app_env, run_app, wait_started
+
+LOCAL = [
+    "hydra/launcher=submitit_local",
+    "hydra.launcher.tasks_per_node=2",
+    "hydra.launcher.timeout_min=60",
+]
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.marker,))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Attacker(threading.Thread):
+    """Connects to host:port as soon as something listens and keeps writing ``forged``."""
+
+    def __init__(self, host: str, port: int, forged: dict[str, bytes], duration: float) -> None:
+        super().__init__(daemon=True)
+        self.host, self.port, self.forged, self.duration = host, port, forged, duration
+        self.writes = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        store = None
+        while store is None and time.monotonic() < deadline:
+            try:
+                store = dist.TCPStore(  # type: ignore[attr-defined]
+                    self.host,
+                    self.port,
+                    is_master=False,
+                    timeout=timedelta(seconds=2),
+                    wait_for_workers=False,
+                )
+            except Exception:
+                time.sleep(0.01)
+        if store is None:
+            self.error = TimeoutError("nothing listened")
+            return
+        until = time.monotonic() + self.duration
+        while time.monotonic() < until:
+            try:
+                for key, value in self.forged.items():
+                    store.set(key, value)
+                    self.writes += 1
+            except Exception as exc:  # the job ended and its store with it
+                self.error = exc
+                return
+            time.sleep(0.005)
+
+
+def _rendezvous_forgery(run_id: str, marker: Path) -> dict[str, bytes]:
+    """What torch's c10d backend would unpickle: base64 of a pickle."""
+    return {f"torch.rendezvous.{run_id}": base64.b64encode(pickle.dumps(_Evil(marker)))}
+
+
+def test_forged_rendezvous_state_on_one_machine(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    port = _free_port()
+    attacker = Attacker("127.0.0.1", port, _rendezvous_forgery("hostile1", marker), 3.0)
+    attacker.start()
+    run = run_app(
+        tmp_path,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        f"hydra.callbacks.torchrun.master_port={port}",
+        "hydra.callbacks.torchrun.rdzv_id=hostile1",
+        "sleep_before=1",
+    )
+    attacker.join()
+    assert attacker.writes > 0, attacker.error
+    assert not marker.exists()  # nothing unpickled the forged state
+    assert run.proc.returncode == 0, run.output
+    assert run.records[0]["value"]["rank"] == 0 and run.records[0]["value"]["sum"] == 1
+    assert "rejected a forged value for key 'torch.rendezvous.hostile1'" in run.output
+
+
+def _wait_for_placement(log: Path, proc: subprocess.Popen[str]) -> tuple[int, str]:
+    deadline = time.monotonic() + 120
+    pattern = re.compile(r"rendezvous at [^:]+:(\d+), rdzv_id=(\S+),")
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended early"
+        if log.exists():
+            found = pattern.search(log.read_text())
+            if found:
+                return int(found.group(1)), found.group(2)
+        time.sleep(0.05)
+    raise AssertionError("no placement line")
+
+
+def test_forged_values_on_two_nodes(tmp_path: Path) -> None:
+    """Failure records, result, claims, heartbeats and rendezvous state, all forged while
+    a 2-node job runs: it completes with its true result and nothing is unpickled."""
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "multi"
+    rec = tmp_path / "recorder.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(APPS / "probe_app.py"),
+            "-m",
+            "hydra/callbacks=torchrun",
+            "hydra.callbacks.torchrun.nproc_per_node=2",
+            *LOCAL,
+            "sleep_before=4",
+            "+hydra.callbacks.recorder._target_=recorder.Recorder",
+            f"+hydra.callbacks.recorder.path={rec}",
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=app_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        port, run_id = _wait_for_placement(out / "0" / "probe_app.log", proc)
+        # Once the rendezvous is done (a job's whole life but its first second): a forgery
+        # that races a rendezvous can break it (denial of service, a clear error), which is
+        # what the one-machine test and the README's threat model cover.
+        wait_started(out / "0", 4, proc)
+        evil = pickle.dumps(_Evil(marker))
+        prefix = f"hydra_torchrun/{run_id}/"
+        forged = {
+            prefix + "failure": evil,
+            prefix + "failure/1": evil,
+            prefix + "result": evil,
+            prefix + "result#0": evil,
+            prefix + "first_failed_rank": b"3",
+            prefix + "first_failure": b'{"rank": 3}',
+            prefix + "hb/1": b'{"beat": 1, "done": true}',
+            **_rendezvous_forgery(run_id, marker),
+        }
+        attacker = Attacker("127.0.0.1", port, forged, 3.0)
+        attacker.start()
+        output, _ = proc.communicate(timeout=180)
+        attacker.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert attacker.writes > 0, attacker.error
+    assert not marker.exists()
+    assert proc.returncode == 0, output
+    import json
+
+    records = [json.loads(line) for line in rec.read_text().splitlines()]
+    node0 = next(r for r in records if r["task"] == 0)
+    assert node0["status"] == "COMPLETED" and node0["value"]["rank"] == 0
+    assert node0["value"]["sum"] == 6
+    log = (out / "0" / "probe_app.log").read_text() + output
+    assert f"rejected a forged value for key '{prefix}failure'" in log, log
+    summary = json.loads((out / "0" / "torchrun_summary.json").read_text())
+    assert summary["status"] == "COMPLETED" and len(summary["ranks"]) == 4
+
+
+def test_huge_exception_text_on_node_1_keeps_the_root_cause(tmp_path: Path) -> None:
+    """A 9 MB exception message (over TCPStore's 8 MiB per value): capped, never lost."""
+    run = run_app(
+        tmp_path,
+        *LOCAL,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "fail_group=1",
+        "fail_local=1",
+        "fail_delay=1",
+        "fail_pad_mb=9",
+        multirun=True,
+    )
+    ended = time.time()
+    assert run.proc.returncode == 1, run.output[-3000:]
+    failed_at = float((run.out / "0" / "failed_at").read_text())
+    assert ended - failed_at < 30, ended - failed_at
+    node0 = next(r for r in run.records if r["task"] == 0)
+    attrs = node0["error_attrs"]
+    assert (attrs["node_rank"], attrs["exc_type"]) == (1, "ValueError"), attrs
+    assert "probe failure on rank" in node0["error"] and "characters cut" in node0["error"]
+    assert len(node0["error"]) < 200_000
+    summary = (run.out / "0" / "torchrun_summary.json").read_text()
+    assert len(summary) < 1_000_000
+
+
+def test_100_mb_result_of_rank_0_on_node_1(tmp_path: Path) -> None:
+    """Rank 0 runs on node 1 (its local_addr sorts first in the rendezvous); its 100 MB
+    value reaches node 0 in signed chunks."""
+    extra = tmp_path / "extra" / "flip"
+    extra.mkdir(parents=True)
+    (extra / "on.yaml").write_text(  # per node: too nested for a command-line override
+        "# @package _global_\n"
+        "flip: {n0: 127.0.0.3, n1: 127.0.0.2}\n"
+        "hydra:\n  callbacks:\n    torchrun:\n"
+        "      local_addr: \"${oc.select:'flip.n${oc.env:SUBMITIT_LOCAL_GLOBALID,0}'}\"\n"
+    )
+    run = run_app(
+        tmp_path,
+        *LOCAL,
+        "hydra.callbacks.torchrun.nproc_per_node=1",
+        "+flip=on",
+        "returns=bytes",
+        "return_mb=100",
+        multirun=True,
+        timeout=300,
+        flags=(f"--config-dir={tmp_path / 'extra'}",),
+    )
+    assert run.proc.returncode == 0, run.output[-3000:]
+    import json
+
+    summary = json.loads((run.out / "0" / "torchrun_summary.json").read_text())
+    assert [r["node"] for r in summary["ranks"] if r["rank"] == 0] == [1]  # off node 0
+    node0 = next(r for r in run.records if r["task"] == 0)
+    assert node0["status"] == "COMPLETED" and node0["value_len"] == 100 * 1024 * 1024
+
+
+# -- the handshake and the key file, with real coordinators and stores (no workers) ------
+def _placement(node: int, job_id: str, port: int | None = None) -> Any:
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": job_id,
+        "SUBMITIT_LOCAL_GLOBALID": str(node),
+        "SUBMITIT_LOCAL_NTASKS": "2",
+    }
+    options = {} if port is None else {"master_port": port}
+    return resolve_placement(parse_options(options), env, 1)
+
+
+def _foreign_store(port: int, hello: bool, job_id: str = "") -> Any:
+    """Another job's store on our port (its own secret, its own run id)."""
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, world_size=None
+    )
+    if hello:
+        other = JobStore(store, "hydra_torchrun/jobother/", Signer(os.urandom(32), "x"))
+        key = f"hydra_torchrun/job{job_id}/hello"  # even our key name: not our signature
+        store.set(key, other.signer.seal(key, b'{"run_id": "x", "nonce": "y"}'))
+    return store
+
+
+def _job_id_with_free_first_ports() -> str:
+    for n in range(1000):
+        job_id = f"{os.getpid()}{n}"
+        ports = candidate_ports(job_id)[:3]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        return job_id
+    raise AssertionError("no free candidate ports")
+
+
+@pytest.mark.parametrize("hello", [True, False], ids=["foreign-hello", "no-hello"])
+def test_a_foreign_store_on_our_port_is_skipped(hello: bool) -> None:
+    job_id = _job_id_with_free_first_ports()
+    ports = candidate_ports(job_id)
+    foreign = _foreign_store(ports[0], hello, job_id)
+    secret = load_secret(os.environ)
+    start = time.monotonic()
+    node0 = JobCoordinator(_placement(0, job_id, ports[0]), 5, secret, ports=ports)
+    node1 = JobCoordinator(_placement(1, job_id, ports[0]), 5, secret, ports=ports)
+    took = time.monotonic() - start
+    try:
+        assert node0.placement.rdzv_endpoint.endswith(f":{ports[1]}")
+        assert node1.placement.rdzv_endpoint == node0.placement.rdzv_endpoint
+        assert took < HELLO_WAIT_S + 5, took
+        node1.mark_done()
+        assert node0.wait_all_done(timeout=5) == [0]  # node 1 reached node 0's store
+    finally:
+        del foreign
+
+
+def test_every_candidate_foreign_fails_within_seconds() -> None:
+    job_id = _job_id_with_free_first_ports()
+    ports = candidate_ports(job_id)[:2]
+    stores = [_foreign_store(p, hello=True, job_id=job_id) for p in ports]
+    start = time.monotonic()
+    with pytest.raises(TorchrunSetupError, match="no store of this job"):
+        JobCoordinator(_placement(1, job_id, ports[0]), 2, load_secret(os.environ), ports=ports)
+    assert time.monotonic() - start < 3  # no wait for a timeout
+    del stores
+
+
+def test_key_file_created_private_and_shared(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    keys: list[bytes] = []
+    threads = [threading.Thread(target=lambda: keys.append(load_secret(env))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    path = tmp_path / "cfg" / "hydra-torchrun-callback" / "secret"
+    assert len(set(keys)) == 1 and len(keys[0]) == 32  # racing nodes agree on one key
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["secret"]  # no temp file left
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    load_secret({"HYDRA_TORCHRUN_SECRET_FILE": str(path)})
+    path.chmod(0o644)
+    with pytest.raises(SecretError, match=r"mode 0644.*chmod 600"):
+        load_secret({"HYDRA_TORCHRUN_SECRET_FILE": str(path)})
+
+
+def test_job_with_an_unsafe_key_file_fails_before_any_worker(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o644)
+    run = run_app(
+        tmp_path,
+        *LOCAL,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        multirun=True,
+        env=app_env(HYDRA_TORCHRUN_SECRET_FILE=str(key)),
+    )
+    assert run.proc.returncode == 1
+    assert not list((run.out / "0").glob("started_rank*.json"))  # no worker started
+    node0 = next(r for r in run.records if r["task"] == 0)
+    assert f"chmod 600 {key}" in node0["error"], node0["error"]
+
+
+def test_torch_error_files_stay_private(tmp_path: Path) -> None:
+    """torch's spawn pickles a failing worker's traceback into the temp dir: not ours."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
+    run = run_app(tmp_path, "hydra.callbacks.torchrun.nproc_per_node=2", "fail_rank=1")
+    assert run.proc.returncode == 1, run.output
+    after = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
+    assert after == before, after - before
