@@ -413,13 +413,12 @@ class JobCoordinator:
     ) -> Optional[TorchrunJobError]:
         """Node 0: the first peer whose heartbeat stopped (or never started in time)."""
         for peer in range(1, self.nnodes):
-            beat = self._peers.get(peer)
-            if beat is None:  # forged or unreadable: judged by the last good one
-                continue
-            if beat.get("done"):
-                continue
-            count = int(beat.get("beat", 0))
             last, since = seen.get(peer, (-1, now))
+            beat = self._peers.get(peer)
+            if beat is not None and beat.get("done"):
+                continue
+            # A forged or unreadable beat counts as no beat: it cannot hide a lost node.
+            count = int(beat.get("beat", 0)) if beat is not None else max(last, 0)
             if count != last:
                 seen[peer] = (count, now)
             elif count > 0 and now - since > self.peer_timeout:

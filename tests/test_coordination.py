@@ -103,3 +103,21 @@ def test_claimers_node_report_wins_over_the_claim(
     assert time.monotonic() - start < 2
     assert root is not None and (root.rank, root.exitcode) == (2, -9)
     assert "SIGKILL" in str(root)
+
+
+def test_coordination_is_linear_in_nodes() -> None:
+    """The simulation (benchmarks/coordination_sim.py) at 4 and 16 nodes: store calls per
+    node per second stay flat (O(n) in all), and a lost node stops every other node."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from coordination_sim import simulate
+
+    small, large = (simulate(n, steady_s=2.0, peer_timeout=2.0) for n in (4, 16))
+    for result in (small, large):
+        assert result["stopped_nodes"] == result["nodes"] - 1, result  # all but the lost one
+        assert result["all_stopped_after_s"] < 2.0 + 1.0 + 1.0, result
+        assert result["calls_per_node_per_s"] < 8, result
+    assert large["calls_per_node_per_s"] < 1.5 * small["calls_per_node_per_s"]
