@@ -349,7 +349,11 @@ class TorchrunCallback(Callback):
         except (SecretError, OSError) as exc:
             raise TorchrunSetupError(str(exc)) from exc
         ports = None if opts.master_port is not None else candidate_ports(placement.cluster.job_id)
-        coord = JobCoordinator(placement, opts.peer_timeout, secret, ports=ports)
+        # A node that never beats counts as lost after torch's rendezvous join timeout.
+        join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
+        coord = JobCoordinator(
+            placement, opts.peer_timeout, secret, ports=ports, join_timeout=join_timeout
+        )
         placement = coord.placement  # with the port the job's store was found on
         node0 = placement.node_rank == 0
         records = report.records

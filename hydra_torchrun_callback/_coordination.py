@@ -104,26 +104,23 @@ class JobCoordinator:
                 self.js, chosen = join_job_store(
                     host, candidates, secret, placement.run_id, prefix, connect_timeout
                 )
-        except ForeignStoreError as exc:
-            raise TorchrunSetupError(
-                f"node {self.node} found no store of this job: {exc}. Another job holds the "
-                "derived ports, or node 0 uses another key file (nodes must share "
-                "~/.config/hydra-torchrun-callback/secret, or set HYDRA_TORCHRUN_SECRET_FILE "
-                "to a shared path), or node 0 did not start. Fix: set "
-                "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
-            ) from exc
         except Exception as exc:
+            where = f"port {candidates[0]}" if len(candidates) == 1 else f"ports {candidates}"
             if self.is_server:
                 raise TorchrunSetupError(
-                    f"node 0 could not host the job's rendezvous store on ports {candidates} "
-                    f"({type(exc).__name__}: {exc}). Other processes hold them: set "
+                    f"node 0 could not host the job's rendezvous store on {where} "
+                    f"({type(exc).__name__}: {exc}). Other processes hold it: set "
                     "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
                 ) from exc
+            why = str(exc) if isinstance(exc, ForeignStoreError) else f"{type(exc).__name__}: {exc}"
             raise TorchrunSetupError(
-                f"node {self.node} could not reach the job's rendezvous store at "
-                f"{host} (ports {candidates}) within {connect_timeout:.0f}s "
-                f"({type(exc).__name__}: {exc}). Is node 0 running, and does its address "
-                "resolve from here? (set hydra.callbacks.torchrun.master_addr / local_addr)"
+                f"node {self.node} could not reach the job's rendezvous store at {host} "
+                f"({where}) within {connect_timeout:.0f}s: {why}. Is node 0 running, and does "
+                "its address resolve from here (hydra.callbacks.torchrun.master_addr / "
+                "local_addr)? Do all nodes share the key file "
+                "~/.config/hydra-torchrun-callback/secret (or HYDRA_TORCHRUN_SECRET_FILE)? If "
+                "another job holds the port, set hydra.callbacks.torchrun.master_port to a free "
+                "port (same on all nodes)."
             ) from exc
         #: The placement with the port the store was found on.
         self.placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import stat
 import threading
 import time
@@ -426,10 +427,17 @@ def join_job_store(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            try:  # a refused connection costs nothing; TCPStore would retry it until timeout
+                socket.create_connection((host, port), timeout=1.0).close()
+            except OSError:
+                continue  # nothing listens there (yet)
             try:
-                store = _connect(host, port, min(op_timeout, max(remaining, 1.0)))
-            except Exception:
-                continue  # nothing there yet
+                store = _connect(host, port, min(op_timeout, max(remaining, 1.0), 5.0))
+            except Exception:  # something listens that is no TCPStore (or too slow)
+                if port not in foreign:
+                    foreign.add(port)
+                    log.warning("%s:%d does not answer as a job store; trying the next", host, port)
+                continue
             waited_until = time.monotonic() + HELLO_WAIT_S
             blob = None
             with contextlib.suppress(Exception):
@@ -454,9 +462,12 @@ def join_job_store(
                 )
         if time.monotonic() >= deadline or foreign == set(ports):
             raise ForeignStoreError(
-                f"no store at {host} on ports {list(ports)} proved it belongs to job {run_id} "
-                f"within {timeout:.0f}s"
-                + (f" (ports {sorted(foreign)} answered for another job)" if foreign else "")
+                f"no store at {host} on port(s) {list(ports)} proved it belongs to job {run_id}"
+                + (
+                    f"; port(s) {sorted(foreign)} are held by another job or program"
+                    if foreign
+                    else "; nothing listened there"
+                )
             )
         time.sleep(0.5)
 

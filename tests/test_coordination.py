@@ -121,3 +121,26 @@ def test_coordination_is_linear_in_nodes() -> None:
         assert result["all_stopped_after_s"] < 2.0 + 1.0 + 1.0, result
         assert result["calls_per_node_per_s"] < 8, result
     assert large["calls_per_node_per_s"] < 1.5 * small["calls_per_node_per_s"]
+
+
+def test_a_node_that_never_beats_is_lost_after_the_join_timeout() -> None:
+    port = _free_port()
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "778",
+        "SUBMITIT_LOCAL_GLOBALID": "0",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+    }
+    placement = resolve_placement(parse_options({"master_port": port}), env, 1)
+    reasons: list[object] = []
+    node0 = JobCoordinator(
+        placement, 5, load_secret(os.environ), join_timeout=2.0, abort=reasons.append
+    )
+    start = time.monotonic()
+    node0.start_watchdog()
+    while not reasons and time.monotonic() - start < 10:
+        time.sleep(0.1)
+    node0.stop_watchdog()
+    assert reasons and "node 1 never joined the job's store within 2s" in str(reasons[0])
+    assert time.monotonic() - start < 2 + 2
+    assert node0.failure() is not None  # published: every node that joins later stops

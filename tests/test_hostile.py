@@ -320,7 +320,7 @@ def test_every_candidate_foreign_fails_within_seconds() -> None:
     ports = candidate_ports(job_id)[:2]
     stores = [_foreign_store(p, hello=True, job_id=job_id) for p in ports]
     start = time.monotonic()
-    with pytest.raises(TorchrunSetupError, match="no store of this job"):
+    with pytest.raises(TorchrunSetupError, match="held by another job or program"):
         JobCoordinator(_placement(1, job_id, ports[0]), 2, load_secret(os.environ), ports=ports)
     assert time.monotonic() - start < 3  # no wait for a timeout
     del stores
@@ -375,3 +375,37 @@ def test_torch_error_files_stay_private(tmp_path: Path) -> None:
     assert run.proc.returncode == 1, run.output
     after = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
     assert after == before, after - before
+
+
+def test_foreign_store_on_the_fixed_port_of_a_two_node_job(tmp_path: Path) -> None:
+    """master_port is taken by another job's store: both nodes fail with a clear error,
+    within seconds, and no worker starts."""
+    port = _free_port()
+    foreign = _foreign_store(port, hello=True, job_id="other")
+    start = time.monotonic()
+    run = run_app(
+        tmp_path,
+        *LOCAL,
+        "hydra.callbacks.torchrun.nproc_per_node=1",
+        f"hydra.callbacks.torchrun.master_port={port}",
+        multirun=True,
+    )
+    elapsed = time.monotonic() - start
+    del foreign
+    assert run.proc.returncode == 1, run.output
+    errors = {r["task"]: r["error"] for r in run.records}
+    assert f"node 0 could not host the job's rendezvous store on port {port}" in errors[0]
+    assert "could not reach the job's rendezvous store" in errors[1], errors[1]
+    assert "held by another job or program" in errors[1], errors[1]
+    assert not list((run.out / "0").glob("rank*.json"))
+    assert elapsed < 30, elapsed
+
+
+def test_huge_exception_text_on_one_machine(tmp_path: Path) -> None:
+    run = run_app(
+        tmp_path, "hydra.callbacks.torchrun.nproc_per_node=2", "fail_rank=1", "fail_pad_mb=9"
+    )
+    assert run.proc.returncode == 1
+    [job] = run.records
+    assert job["error_attrs"]["rank"] == 1 and job["error_attrs"]["exc_type"] == "ValueError"
+    assert "characters cut" in job["error"] and len(job["error"]) < 200_000
