@@ -242,6 +242,9 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._support import require_supported
 
         require_supported()  # before importing torch: a missing torch gets its fix too
+        from hydra_torchrun_callback._store import reset_rejections
+
+        reset_rejections()  # each job logs (and names) the forgeries it saw itself
         import torch
 
         from hydra_torchrun_callback import _pickling
@@ -264,7 +267,10 @@ class TorchrunCallback(Callback):
         nproc = resolve_nproc_per_node(
             opts.nproc_per_node, torch.cuda.device_count(), os.cpu_count() or 1
         )
-        placement = resolve_placement(opts, os.environ, nproc)
+        job_num = OmegaConf.select(config, "hydra.job.num", default=0)
+        placement = resolve_placement(
+            opts, os.environ, nproc, job_num=job_num if isinstance(job_num, int) else 0
+        )
         if placement.source == "local" and not placement.port_picked:
             check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
         output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())
@@ -348,7 +354,7 @@ class TorchrunCallback(Callback):
             secret = load_secret(os.environ)
         except (SecretError, OSError) as exc:
             raise TorchrunSetupError(str(exc)) from exc
-        ports = None if opts.master_port is not None else candidate_ports(placement.cluster.job_id)
+        ports = None if opts.master_port is not None else candidate_ports(placement.run_id)
         # A node that never beats counts as lost after torch's rendezvous join timeout.
         join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
         coord = JobCoordinator(
@@ -361,12 +367,15 @@ class TorchrunCallback(Callback):
         def states() -> dict[int, str]:
             return {**coord.states_elsewhere(), **records.rank_states()}
 
-        def finish(wait: float = opts.peer_timeout) -> list[int]:
-            """Publish this node's rows, say done; node 0 waits for the others' rows."""
+        def finish(
+            wait: float = opts.peer_timeout, error: Optional[BaseException] = None
+        ) -> list[int]:
+            """Publish this node's rows, say done (and how this node's part ended); node 0
+            waits for the others."""
             records.harvest_stacks()
             with contextlib.suppress(Exception):
                 coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
-            coord.mark_done()
+            coord.mark_done(error)
             if not node0:
                 return []
             missing = coord.wait_all_done(timeout=wait)
@@ -384,21 +393,23 @@ class TorchrunCallback(Callback):
                 if coord.abort_reason is not err:
                     coord.report_failure(err)
                 root = coord.root_cause(err, timeout=10.0)
-                finish()
+                finish(error=root or err)
                 raise (root or err) from None
-            except (SystemExit, KeyboardInterrupt):
+            except (SystemExit, KeyboardInterrupt) as stop:
                 # Stopped (scancel, a time limit, Ctrl-C): the summary still shows every
                 # node's ranks and where they were, if the others report back quickly
                 # (SLURM's KillWait leaves 30 s by default).
                 with contextlib.suppress(Exception):
-                    finish(wait=min(opts.peer_timeout, 5.0))
+                    finish(wait=min(opts.peer_timeout, 5.0), error=stop)
                 raise
             if data is not None:
                 coord.put_result(data)
             missing = finish()
             if not node0:
                 return None  # only node 0's JobReturn carries the job's value
-            failure = coord.failure()
+            # Each node's signed done beat says how its part ended: a forged or emptied
+            # failure key cannot make a failed job look completed.
+            failure = coord.failure() or coord.failed_node()
             if failure is not None:
                 raise failure
             if data is None:

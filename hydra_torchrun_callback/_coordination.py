@@ -133,9 +133,11 @@ class JobCoordinator:
         self._states: Optional[Callable[[], Mapping[int, str]]] = None
         self._beats = 0
         self._done = False
+        self._outcome: Optional[dict[str, Any]] = None  # this node's error, in its done beat
+        self._abort_lock = threading.Lock()
         self._peers: dict[int, dict[str, Any]] = {}  # node 0: the last heartbeats read
         self._main_pid = os.getpid()
-        self._on_abort = abort or self._signal_agent
+        self._on_abort: Optional[Callable[[TorchrunJobError], None]] = abort
 
     @property
     def signer(self) -> Signer:
@@ -292,16 +294,20 @@ class JobCoordinator:
         """Requests numbered above ``after``: (latest number, their ids)."""
         count = self.js.counter("stacks/count")
         found = []
-        for n in range(after + 1, count + 1):
+        for n in range(after + 1, min(count, after + 16) + 1):  # the counter is unsigned
             payload = self.js.get(f"stacks/{n}")
-            if payload is not None:
-                found.append(payload.decode(errors="replace"))
-        return count, found
+            if payload is None:  # not written yet (or forged): read it next time
+                break
+            found.append(payload.decode(errors="replace"))
+            after = n
+        return after, found
 
     # -- heartbeats -----------------------------------------------------------------
     def _beat(self) -> None:
         self._beats += 1
         beat: dict[str, Any] = {"beat": self._beats, "done": self._done}
+        if self._done:
+            beat["error"] = self._outcome
         if self._states is not None and not self._done:
             beat["states"] = {str(k): v for k, v in self._states().items()}
         self.js.set_json(_hb(self.node), beat)
@@ -316,7 +322,15 @@ class JobCoordinator:
                     beats[node] = json.loads(payload)
         return beats
 
-    def mark_done(self) -> None:
+    def mark_done(self, error: Optional[BaseException] = None) -> None:
+        """Say this node is done, and how its part ended (``error``: it failed)."""
+        if error is not None and not isinstance(error, TorchrunJobError):
+            error = TorchrunJobError(
+                f"node {self.node} stopped before the job finished "
+                f"({type(error).__name__}: {error})",
+                node_rank=self.node,
+            )
+        self._outcome = None if error is None else json.loads(encode_error(error))
         self._done = True
         self._beat()
 
@@ -325,10 +339,22 @@ class JobCoordinator:
         deadline = time.monotonic() + timeout
         while True:
             beats = self._read_beats()
+            self._peers = beats
             missing = [n for n in range(self.nnodes) if not beats.get(n, {}).get("done")]
             if not missing or time.monotonic() >= deadline:
                 return missing
             time.sleep(_POLL_S)
+
+    def failed_node(self) -> Optional[TorchrunJobError]:
+        """Node 0, after :meth:`wait_all_done`: the first node whose done beat says it
+        failed. Each node writes that beat once, signed with this run's session, so a
+        forged or emptied failure key cannot turn a failed job into a completed one."""
+        for node in range(self.nnodes):
+            error = self._peers.get(node, {}).get("error")
+            if isinstance(error, dict):
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    return decode_error(json.dumps(error).encode())  # type: ignore[no-any-return]
+        return None
 
     def wait_result(self, timeout: float) -> Optional[bytes]:
         deadline = time.monotonic() + timeout
@@ -351,19 +377,22 @@ class JobCoordinator:
         self._thread.start()
 
     def stop_watchdog(self) -> None:
-        self._stop.set()
+        with self._abort_lock:  # no abort once the launch is over (see _abort)
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def _signal_agent(self, reason: TorchrunJobError) -> None:
-        os.kill(self._main_pid, signal.SIGTERM)
-
     def _abort(self, reason: TorchrunJobError) -> None:
         """Interrupt this node's agent: it stops its workers and returns."""
-        if self.abort_reason is None:
+        with self._abort_lock:
+            if self.abort_reason is not None or self._stop.is_set():
+                return  # a watchdog late out of a store call must not signal a later job
             self.abort_reason = reason
             log.error("stopping this node's workers: %s", str(reason).splitlines()[0])
-            self._on_abort(reason)
+            if self._on_abort is not None:
+                self._on_abort(reason)
+            else:
+                os.kill(self._main_pid, signal.SIGTERM)
 
     def _watch(self) -> None:
         last_beat = 0.0
@@ -414,18 +443,19 @@ class JobCoordinator:
             beat = self._peers.get(peer)
             if beat is not None and beat.get("done"):
                 continue
-            # A forged or unreadable beat counts as no beat: it cannot hide a lost node.
+            # A forged, unreadable or replayed (older) beat counts as no beat: only a higher
+            # count than seen before is progress, so it cannot hide a lost node.
             count = int(beat.get("beat", 0)) if beat is not None else max(last, 0)
-            if count != last:
+            if count > last:
                 seen[peer] = (count, now)
-            elif count > 0 and now - since > self.peer_timeout:
+            elif last > 0 and now - since > self.peer_timeout:
                 return TorchrunJobError(
                     f"node {peer} stopped sending heartbeats {now - since:.0f}s ago "
                     "(its Hydra/agent process died or hangs): the job cannot finish",
                     node=str(peer),
                     node_rank=peer,
                 )
-            elif count == 0 and running > self.never_beat_timeout:
+            elif last <= 0 and running > self.never_beat_timeout:
                 return TorchrunJobError(
                     f"node {peer} never joined the job's store within "
                     f"{self.never_beat_timeout:.0f}s (it did not start, or cannot reach node 0)",
@@ -435,7 +465,11 @@ class JobCoordinator:
         return None
 
     def close(self) -> None:
+        """Stop watching; node 0's store closes now (not at some garbage collection), so
+        the next job of a sweep can never find this job's store and hello."""
         self.stop_watchdog()
+        self.js.store = None
+        self.store = None
 
 
 class StacksRelay:

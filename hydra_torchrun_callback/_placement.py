@@ -37,6 +37,15 @@ class ClusterTask:
     num_tasks: int
     task_rank: int
     hostnames: tuple[str, ...]  # one per node of the step, first = the job's master host
+    step_id: str = ""  # SLURM_STEP_ID: two steps of one allocation are two jobs
+
+    def run_key(self, job_num: int = 0) -> str:
+        """The rendezvous id, unique per job, step and Hydra job (a sweep run by plain
+        srun in one step is one Hydra job after another)."""
+        key = f"job{self.job_id}"
+        if self.step_id:
+            key += f".s{self.step_id}"
+        return key + (f".j{job_num}" if job_num else "")
 
     @property
     def master_addr(self) -> str:
@@ -159,6 +168,7 @@ def detect_cluster(env: Mapping[str, str], mode: str = "auto") -> Optional[Clust
         num_tasks=_int_var(env, "SLURM_STEP_NUM_TASKS"),
         task_rank=_int_var(env, "SLURM_PROCID"),
         hostnames=tuple(parse_node_list(env["SLURM_STEP_NODELIST"])),
+        step_id=env.get("SLURM_STEP_ID", ""),
     )
 
 
@@ -224,15 +234,17 @@ def resolve_placement(
     env: Mapping[str, str],
     nproc_per_node: int,
     pick_port: Callable[[], int] = free_port,
+    job_num: int = 0,
 ) -> Placement:
     """Decide nodes, node rank and rendezvous for this node.
 
     ``env`` is the environment to read (``os.environ`` in real use); it is only
-    consulted for cluster detection, never changed.
+    consulted for cluster detection, never changed. ``job_num`` is Hydra's job number
+    (``hydra.job.num``): part of a cluster job's rendezvous id.
     """
     task = None if opts.rdzv_endpoint else detect_cluster(env, opts.cluster)
     if task is not None and task.num_tasks > 1:
-        return _cluster_placement(opts, task, nproc_per_node)
+        return _cluster_placement(opts, task, nproc_per_node, job_num)
     min_nodes = opts.min_nodes or 1
     max_nodes = opts.max_nodes or min_nodes
     rdzv_configs: dict[str, object] = dict(opts.rdzv_configs)
@@ -296,7 +308,9 @@ def resolve_placement(
     )
 
 
-def _cluster_placement(opts: Options, task: ClusterTask, nproc_per_node: int) -> Placement:
+def _cluster_placement(
+    opts: Options, task: ClusterTask, nproc_per_node: int, job_num: int = 0
+) -> Placement:
     """One node per task: rank = task rank, master = first host, id and port from the job."""
     if opts.max_nodes is not None and opts.max_nodes != task.num_tasks:
         raise TorchrunOptionError(
@@ -307,7 +321,8 @@ def _cluster_placement(opts: Options, task: ClusterTask, nproc_per_node: int) ->
             fix="leave nnodes unset under SLURM/submitit, or ask the launcher for that many "
             "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node)",
         )
-    port = opts.master_port or derived_port(task.job_id)
+    run_id = opts.rdzv_id or task.run_key(job_num)
+    port = opts.master_port or candidate_ports(run_id)[0]
     host = opts.master_addr or task.master_addr
     configs: dict[str, object] = dict(opts.rdzv_configs)
     # Node 0's Hydra process hosts the job's store itself; every agent joins it as a client.
@@ -319,7 +334,7 @@ def _cluster_placement(opts: Options, task: ClusterTask, nproc_per_node: int) ->
         nproc_per_node=nproc_per_node,
         rdzv_backend="c10d",
         rdzv_endpoint=f"{host}:{port}",
-        run_id=opts.rdzv_id or f"job{task.job_id}",
+        run_id=run_id,
         rdzv_configs=configs,
         local_addr=opts.local_addr,
         source=task.kind,

@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from hydra_torchrun_callback._files import write_text_atomic
+from hydra_torchrun_callback._proc import descendants
+
 __all__ = [
     "STACKS_SIGNAL",
     "Frame",
@@ -101,6 +104,14 @@ def arm_worker(folder: Optional[str], rank: int) -> None:
             continue  # the process ignores it: a dump would be noise
         faulthandler.register(sig, file=stop_file, all_threads=True, chain=True)
     faulthandler.register(STACKS_SIGNAL, file=demand_file, all_threads=True, chain=False)
+    # A process the task forks (a DataLoader worker) would write into this rank's files.
+    os.register_at_fork(after_in_child=_disarm)
+
+
+def _disarm() -> None:
+    for sig in (*STOP_SIGNALS, STACKS_SIGNAL):
+        with contextlib.suppress(Exception):
+            faulthandler.unregister(sig)
 
 
 # -- reading dumps -----------------------------------------------------------------------
@@ -252,7 +263,10 @@ def dump_live_workers(
     Returns the dumps and the ranks that wrote none in time. Each dump is appended to
     the rank's log."""
     pending: dict[int, tuple[Mapping[str, Any], Path, int]] = {}
+    ours = set(descendants(os.getpid()))  # a recorded pid may have been reused since
     for record in live:
+        if int(record["pid"]) not in ours:
+            continue
         _, demand = dump_paths(folder, int(record["rank"]), int(record["pid"]))
         offset = _size(demand)
         try:
@@ -314,9 +328,7 @@ def harvest_stop_dumps(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data), mode=0o600)
 
 
 class StackService:

@@ -170,6 +170,12 @@ _rejected: set[str] = set()
 _rejected_lock = threading.Lock()
 
 
+def reset_rejections() -> None:
+    """A new job: log its first forged value per key again."""
+    with _rejected_lock:
+        _rejected.clear()
+
+
 def rejected_keys() -> list[str]:
     """The keys whose forged values this process dropped (for error messages)."""
     with _rejected_lock:
@@ -507,23 +513,20 @@ def _create_handler(params: Any) -> Any:
     if signer is None:
         raise RuntimeError(f"no signer for rendezvous {params.run_id!r} (internal error)")
     backend, store = create_backend(params)
-    return create_handler(store, SignedRendezvousBackend(backend, signer), params)
+    return create_handler(store, SignedRendezvousBackend(backend, signer), params)  # type: ignore[arg-type]  # duck-typed
 
 
-def _backend_base() -> type:
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
-
-    return RendezvousBackend
-
-
-class SignedRendezvousBackend(_backend_base()):  # type: ignore[misc]
+class SignedRendezvousBackend:
     """torch's c10d rendezvous backend with its state blob signed and verified.
 
     torch unpickles the state it gets from the backend; this one hands it only blobs that
     carry the job's signature. In place of a forged blob it hands back the last state it
     verified, and the next update overwrites the forgery (its token is the forged value),
     so the rendezvous keeps its members. An attacker who keeps overwriting the key can
-    delay or break the rendezvous (denial of service), never run code."""
+    delay or break the rendezvous (denial of service), never run code.
+
+    It implements torch's ``RendezvousBackend`` interface (``name``, ``get_state``,
+    ``set_state``) without subclassing it, so importing this module needs no torch."""
 
     def __init__(self, inner: Any, signer: Signer) -> None:
         self.inner = inner
@@ -544,9 +547,16 @@ class SignedRendezvousBackend(_backend_base()):  # type: ignore[misc]
         return payload
 
     def get_state(self) -> Any:
-        got = self.inner.get_state()
+        try:
+            got = self.inner.get_state()
+        except Exception:  # not even base64: written by someone else
+            reject(self.key)
+            return self._last
         if got is None:
-            return None
+            # The empty sentinel after a verified state: torch never writes it back.
+            if self._last is not None:
+                reject(self.key)
+            return self._last
         payload = self._verified(got[0], got[1])
         if payload is None:
             return self._last
@@ -554,12 +564,22 @@ class SignedRendezvousBackend(_backend_base()):  # type: ignore[misc]
 
     def set_state(self, state: bytes, token: Any = None) -> Any:
         sealed = self.signer.seal(self.key, state)
-        got = self.inner.set_state(sealed, token)
+        try:
+            got = self.inner.set_state(sealed, token)
+        except Exception:  # the stored value is not base64: someone else's
+            reject(self.key)
+            got = self._overwrite_raw(sealed, token)
         if got is None:
             return None
         if self.signer.open(self.key, bytes(got[0])) is None:
             reject(self.key)
-            # A forgery sits there: overwrite it (its token is the forged value itself).
+            last_token = self._last[1] if self._last is not None else None
+            if token != last_token:
+                # The caller's state is older than the last verified one: overwriting the
+                # forgery with it would lose another node's update. Let it sync first.
+                return None if self._last is None else (*self._last, False)
+            # A forgery sits on the last verified state: overwrite it (its token is the
+            # forged value itself).
             got = self.inner.set_state(sealed, got[1])
             if got is None:
                 return None
@@ -567,3 +587,16 @@ class SignedRendezvousBackend(_backend_base()):  # type: ignore[misc]
         if payload is None:  # forged again meanwhile: the caller retries with our last
             return None if self._last is None else (*self._last, False)
         return payload, got[1], got[2]
+
+    def _overwrite_raw(self, sealed: bytes, token: Any) -> Any:
+        """Replace an undecodable value, if the caller's state is the last verified one."""
+        last_token = self._last[1] if self._last is not None else None
+        store = getattr(self.inner, "_store", None)
+        if store is None or token != last_token:
+            return None if self._last is None else (*self._last, False)
+        import base64
+
+        raw = store.get(self.key)
+        store.compare_set(self.key, raw, base64.b64encode(sealed).decode())
+        got = self.inner.get_state()
+        return None if got is None else (*got, got[0] == sealed)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback._files import write_text_atomic
 from hydra_torchrun_callback._stacks import (
     Frame,
     group_by_frame,
@@ -383,9 +384,7 @@ def write_summary(summary: Mapping[str, Any], output_dir: str) -> Optional[Path]
     """Save the summary beside ``.hydra/``; a failure to write is logged, not raised."""
     path = Path(output_dir) / SUMMARY_FILE
     try:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
         log.warning("could not save the job summary to %s: %s", path, exc)
         return None

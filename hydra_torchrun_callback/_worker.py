@@ -355,7 +355,10 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
         try:
             value = payload.task(task_cfg)
         except BaseException as exc:
-            _claim_first_failure(rank, exc)
+            if not isinstance(exc, KeyboardInterrupt) and not (
+                isinstance(exc, SystemExit) and exc.code in (0, None)
+            ):  # a stop or a clean exit is nobody's root cause
+                _claim_first_failure(rank, exc)
             raise
         finally:
             for handler in logging.getLogger().handlers:

@@ -409,3 +409,114 @@ def test_huge_exception_text_on_one_machine(tmp_path: Path) -> None:
     [job] = run.records
     assert job["error_attrs"]["rank"] == 1 and job["error_attrs"]["exc_type"] == "ValueError"
     assert "characters cut" in job["error"] and len(job["error"]) < 200_000
+
+
+# -- what review found: replays, emptied keys, the rendezvous backend's edge cases ---------
+def _pair(peer_timeout: float = 5.0, **kw: Any) -> tuple[JobCoordinator, JobCoordinator]:
+    job_id = _job_id_with_free_first_ports()
+    port = candidate_ports(f"job{job_id}")[0]
+    secret = load_secret(os.environ)
+    node0 = JobCoordinator(_placement(0, job_id, port), peer_timeout, secret, **kw)
+    node1 = JobCoordinator(_placement(1, job_id, port), peer_timeout, secret)
+    return node0, node1
+
+
+def _attacker_client(coord: JobCoordinator) -> Any:
+    _host, port = coord.placement.rdzv_endpoint.rsplit(":", 1)
+    return dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", int(port), is_master=False, wait_for_workers=False
+    )
+
+
+def test_a_failed_node_cannot_be_hidden_by_emptying_the_failure_key() -> None:
+    """Node 1 failed, but the attacker replays the signed empty failure slot (and forges
+    the claim): node 0 still learns it from node 1's signed done beat."""
+    from hydra_torchrun_callback._result import job_error
+
+    node0, node1 = _pair()
+    evil = _attacker_client(node0)
+    prefix = node0.js.prefix
+    empty_slot = bytes(evil.get(prefix + "failure"))  # signed by node 0: a valid value
+    error = job_error(rank=3, local_rank=1, node="n2", node_rank=1, what="raised ValueError: x")
+    node1.report_failure(error)
+    evil.set(prefix + "failure", empty_slot)  # replayed: verifies, and says "no failure"
+    node1.mark_done(error)
+    node0.mark_done()
+    assert node0.failure() is None  # the slot was emptied
+    assert node0.wait_all_done(timeout=2) == []
+    failed = node0.failed_node()
+    assert failed is not None and (failed.rank, failed.node_rank) == (3, 1)
+    assert "ValueError: x" in str(failed)
+
+
+def test_replayed_heartbeats_cannot_hide_a_lost_node() -> None:
+    reasons: list[Any] = []
+    node0, node1 = _pair(peer_timeout=2.0, abort=reasons.append)
+    evil = _attacker_client(node0)
+    key = node0.js.prefix + "hb/1"
+    node1.start_watchdog()
+    time.sleep(2.5)
+    old = bytes(evil.get(key))
+    time.sleep(1.2)
+    newer = bytes(evil.get(key))
+    node1.stop_watchdog()  # node 1 is gone; the attacker alternates its old beats
+    node0.start_watchdog()
+    start = time.monotonic()
+    while not reasons and time.monotonic() - start < 10:
+        for value in (old, newer):
+            evil.set(key, value)
+            time.sleep(0.1)
+    node0.stop_watchdog()
+    assert reasons and "node 1 stopped sending heartbeats" in str(reasons[0])
+
+
+def test_no_abort_once_the_watchdog_stopped() -> None:
+    from hydra_torchrun_callback._result import TorchrunJobError
+
+    reasons: list[Any] = []
+    node0, node1 = _pair(abort=reasons.append)
+    node0.start_watchdog()
+    node0.stop_watchdog()
+    node0._abort(TorchrunJobError("late"))  # a watchdog out of a slow store call
+    assert reasons == [] and node0.abort_reason is None
+    del node1
+
+
+def test_signed_rendezvous_backend_edge_cases(caplog: pytest.LogCaptureFixture) -> None:
+    """On torch's real c10d backend and a real store: an undecodable value, the empty
+    sentinel written back, and a forgery over a newer state than the caller's."""
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+
+    from hydra_torchrun_callback._store import SignedRendezvousBackend
+
+    port = _free_port()
+    server = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, world_size=None
+    )
+    signer = Signer(os.urandom(32), "run/nonce")
+    a = SignedRendezvousBackend(C10dRendezvousBackend(server, "edge"), signer)
+    b = SignedRendezvousBackend(C10dRendezvousBackend(_client(port), "edge"), signer)
+    key = "torch.rendezvous.edge"
+
+    state, token, ok = a.set_state(b"state-1")
+    assert (state, ok) == (b"state-1", True)
+    assert b.get_state()[0] == b"state-1"
+    server.set(key, "%%% not base64 %%%")  # what torch's decoder would choke on
+    assert a.get_state() == (b"state-1", token)  # the last verified state, logged
+    assert "rejected a forged value for key 'torch.rendezvous.edge'" in caplog.text
+    state2, token2, ok = a.set_state(b"state-2", token)  # based on the last: repairs
+    assert (state2, ok) == (b"state-2", True) and b.get_state()[0] == b"state-2"
+
+    server.set(key, base64.b64encode(b"forged"))
+    stale = b.set_state(b"stale", token)  # b's state predates state-2: no overwrite
+    assert stale is not None and stale[0] == b"state-2" and stale[2] is False
+    server.set(key, "Y2FuaW1hZGFt")  # torch's empty sentinel, after a verified state
+    assert a.get_state() == (b"state-2", token2)
+
+
+def _client(port: int) -> Any:
+    return dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, is_master=False, wait_for_workers=False
+    )

@@ -38,3 +38,20 @@ def test_floors_match_pyproject() -> None:
     for name, (floor, _) in FLOORS.items():
         assert re.search(rf'"{name}>={re.escape(floor)}[,;"]', text), name
     assert f'requires-python = ">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}"' in text
+
+
+def test_every_module_imports_without_torch() -> None:
+    """A job without torch must reach the support check (which names the fix): no module
+    of the package may import torch at import time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['torch'] = None\n"
+        "import hydra_torchrun_callback as p\n"
+        "for m in pkgutil.iter_modules(p.__path__):\n"
+        "    importlib.import_module('hydra_torchrun_callback.' + m.name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

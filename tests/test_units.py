@@ -152,7 +152,11 @@ def test_divert_refuses_builtins() -> None:
 
 
 # -- cluster detection (pure: fed environment dicts) ------------------------------------
-from hydra_torchrun_callback._placement import derived_port, detect_cluster  # noqa: E402
+from hydra_torchrun_callback._placement import (  # noqa: E402
+    candidate_ports,
+    derived_port,
+    detect_cluster,
+)
 
 STEP = {
     "SLURM_JOB_ID": "77",
@@ -205,12 +209,25 @@ def test_submitit_local_task() -> None:
 def test_cluster_placement_and_user_overrides() -> None:
     p = resolve_placement(parse_options({}), STEP, 4)
     assert (p.node_rank, p.max_nodes, p.run_id) == (1, 2, "job77")
-    assert p.rdzv_endpoint == f"node001:{derived_port('77')}"
+    assert p.rdzv_endpoint == f"node001:{derived_port('job77')}"
     assert p.rdzv_configs["is_host"] is False
     mine = resolve_placement(parse_options({"master_port": 4000, "rdzv_id": "x"}), STEP, 1)
     assert mine.rdzv_endpoint == "node001:4000" and mine.run_id == "x"  # explicit wins
     with pytest.raises(TorchrunOptionError, match="this job has 2 tasks"):
         resolve_placement(parse_options({"nnodes": 3}), STEP, 1)
+
+
+def test_run_ids_differ_per_step_and_hydra_job() -> None:
+    """Two srun steps of one allocation, or two Hydra jobs of one srun sweep, never share
+    a rendezvous (id or first port)."""
+    ids = {
+        resolve_placement(parse_options({}), {**STEP, **extra}, 1, job_num=num).run_id
+        for extra in ({}, {"SLURM_STEP_ID": "0"}, {"SLURM_STEP_ID": "1"})
+        for num in (0, 1, 2)
+    }
+    assert len(ids) == 9 and "job77.s1.j2" in ids
+    ports = {candidate_ports(run_id)[0] for run_id in ids}
+    assert len(ports) == 9
 
 
 def test_derived_ports_differ_between_jobs() -> None:
