@@ -9,6 +9,7 @@ never runs in the Hydra process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -250,7 +251,13 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback import _pickling
         from hydra_torchrun_callback._launch import launch
         from hydra_torchrun_callback._options import resolve_nproc_per_node
-        from hydra_torchrun_callback._placement import check_port_free, resolve_placement
+        from hydra_torchrun_callback._placement import (
+            allocated_gpus,
+            check_port_free,
+            interface_address,
+            resolve_placement,
+            usable_cpus,
+        )
         from hydra_torchrun_callback._worker import (
             WorkerPayload,
             capture_resolvers,
@@ -264,13 +271,20 @@ class TorchrunCallback(Callback):
 
             # Started first: it imports torch while this process does the rest.
             start_forkserver(getattr(task_function, "__module__", None))
+        gpus = allocated_gpus(os.environ)
         nproc = resolve_nproc_per_node(
-            opts.nproc_per_node, torch.cuda.device_count(), os.cpu_count() or 1
+            opts.nproc_per_node,
+            gpus if gpus is not None else torch.cuda.device_count(),
+            usable_cpus(),
         )
         job_num = OmegaConf.select(config, "hydra.job.num", default=0)
         placement = resolve_placement(
             opts, os.environ, nproc, job_num=job_num if isinstance(job_num, int) else 0
         )
+        if placement.local_addr:  # an interface name (ib0) is resolved on each node
+            address = interface_address(placement.local_addr)
+            if address is not None:
+                placement = dataclasses.replace(placement, local_addr=address)
         if placement.source == "local" and not placement.port_picked:
             check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
         output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())

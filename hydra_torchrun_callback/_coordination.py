@@ -89,8 +89,9 @@ class JobCoordinator:
         self.is_server = self.node == 0
         #: A peer that never beat counts as lost after this (it may start late).
         self.never_beat_timeout = join_timeout or max(2 * peer_timeout, 60.0)
-        # Node 0 may start a little later than the others (imports, scheduling).
-        connect_timeout = 2 * peer_timeout
+        # Node 0 may start much later than the others (submitit can start nodes minutes
+        # apart): wait for it as long as torch's rendezvous would.
+        connect_timeout = 2 * peer_timeout if self.is_server else (join_timeout or 2 * peer_timeout)
         initial = {
             _hb(n): json.dumps({"beat": 0, "done": False}).encode() for n in range(self.nnodes)
         }

@@ -19,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -151,8 +151,23 @@ def preemption_signal(env: Mapping[str, str]) -> Optional[signal.Signals]:
     return getattr(signal.Signals, name, None)
 
 
+def recorded_workers(records: Optional[NodeRecords]) -> Callable[[], list[int]]:
+    """The pids of this node's running workers: from their records (the agent's own
+    children, whatever the start method; never their DataLoader children), else a scan."""
+    if records is None:
+        return _worker_pids
+
+    def pids() -> list[int]:
+        ours = set(descendants(os.getpid()))
+        return [int(r["pid"]) for r in records.live() if int(r["pid"]) in ours]
+
+    return pids
+
+
 @contextlib.contextmanager
-def forward_preemption(sig: Optional[signal.Signals]) -> Iterator[None]:
+def forward_preemption(
+    sig: Optional[signal.Signals], workers: Callable[[], list[int]] = _worker_pids
+) -> Iterator[None]:
     """Pass the preemption signal on to the workers, give them time to checkpoint,
     then let the handler that was there (submitit's: checkpoint + requeue) run."""
     if sig is None:
@@ -161,16 +176,16 @@ def forward_preemption(sig: Optional[signal.Signals]) -> Iterator[None]:
     previous = signal.getsignal(sig)
 
     def handler(signum: int, frame: Any) -> None:
-        workers = alive(_worker_pids())
-        log.warning("got %s: passing it to %d worker(s)", signal.Signals(signum).name, len(workers))
-        for pid in workers:
+        pids = alive(workers())
+        log.warning("got %s: passing it to %d worker(s)", signal.Signals(signum).name, len(pids))
+        for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + PREEMPT_GRACE_S
-        while alive(workers) and time.monotonic() < deadline:
+        while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         if callable(previous):
-            for pid in alive(workers):  # about to exit/requeue: leave nothing behind
+            for pid in alive(pids):  # about to exit/requeue: leave nothing behind
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
             previous(signum, frame)
@@ -200,7 +215,7 @@ FORKSERVER_PRELOAD = (
 
 
 def start_forkserver(task_module: Optional[str]) -> None:
-    """Start (once per Hydra process) a forkserver preloaded with torch and the task's module.
+    """Start (once per Hydra process) a forkserver preloaded with torch and Hydra.
 
     It runs in a fresh interpreter that never initialises CUDA, so forking workers from it
     is CUDA-safe, unlike forking the Hydra process. It lives until the Hydra process
@@ -209,10 +224,10 @@ def start_forkserver(task_module: Optional[str]) -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    preload = list(FORKSERVER_PRELOAD)
-    if task_module and task_module != "__main__" and task_module in sys.modules:
-        preload.append(task_module)
-    multiprocessing.set_forkserver_preload(preload)
+    # torch and Hydra only: the task's module may touch CUDA at import, which would
+    # poison every worker forked from the server.
+    del task_module
+    multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
     with no_main_reimport():
         forkserver.ensure_running()
 
@@ -301,7 +316,7 @@ def launch(
             with (
                 isolated_process_state(records),
                 no_main_reimport(),
-                forward_preemption(preemption_signal(os.environ)),
+                forward_preemption(preemption_signal(os.environ), recorded_workers(records)),
                 private_tempdir(private_tmp),
                 rendezvous_signer(placement.run_id, _rendezvous_signer(placement, coord)),
             ):

@@ -8,6 +8,7 @@ Anything impure (finding a free port) is passed in as a callable.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import uuid
 import zlib
@@ -92,6 +93,52 @@ def _expand_host(item: str) -> list[str]:
 def derived_port(job_id: str) -> int:
     """A port that every task of one job computes alike, different across jobs."""
     return DERIVED_PORT_BASE + zlib.crc32(job_id.encode()) % DERIVED_PORT_SPAN
+
+
+def allocated_gpus(env: Mapping[str, str]) -> Optional[int]:
+    """GPUs this node may use, from what the scheduler set, without touching CUDA.
+
+    ``CUDA_VISIBLE_DEVICES`` first (SLURM sets it for a step's GRES), then SLURM's own
+    counts. None when nothing says (then torch is asked)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        items = [v for v in visible.split(",") if v.strip()]
+        if not items or items[0].strip() in ("-1", "NoDevFiles"):
+            return 0
+        return len(items)
+    on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit():
+        return int(on_node)
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        listed = env.get(name, "").strip()
+        if listed:
+            return len([v for v in listed.split(",") if v.strip()])
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what SLURM binds), as torchrun
+    counts them, not every CPU of the machine."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def interface_address(name: str) -> Optional[str]:
+    """The IPv4 address of network interface ``name`` (``ib0``), or None if no such
+    interface: ``local_addr`` may name one, resolved on each node."""
+    if not hasattr(socket, "if_nameindex") or name not in {n for _, n in socket.if_nameindex()}:
+        return None
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        except OSError:  # the interface has no IPv4 address
+            return None
+    return socket.inet_ntoa(packed[20:24])
 
 
 def candidate_ports(job_id: str, count: int = 8) -> list[int]:

@@ -271,3 +271,33 @@ def test_node_list_expansion(node_list: str, hosts: list[str]) -> None:
     except ImportError:  # the torch-less compat cells install no submitit
         return
     assert list(_parse_node_list(node_list)) == hosts
+
+
+def test_gpus_from_the_allocation_without_cuda() -> None:
+    from hydra_torchrun_callback._placement import allocated_gpus
+
+    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
+    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "2"}) == 1
+    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+    assert allocated_gpus({"SLURM_GPUS_ON_NODE": "8"}) == 8
+    assert allocated_gpus({"SLURM_JOB_GPUS": "4,5"}) == 2
+    # SLURM sets CUDA_VISIBLE_DEVICES per step; it wins over the job-level count.
+    assert allocated_gpus({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}) == 2
+    assert allocated_gpus({}) is None
+
+
+def test_cpus_are_the_affinity_mask() -> None:
+    import os
+
+    from hydra_torchrun_callback._placement import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_local_addr_may_name_an_interface() -> None:
+    from hydra_torchrun_callback._placement import interface_address
+
+    assert interface_address("lo") == "127.0.0.1"
+    assert interface_address("no-such-if0") is None
+    assert interface_address("10.0.0.5") is None  # an address stays as it is
