@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
 from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
+from hydra_torchrun_callback._per_node import move_node_log, prepare_multirun
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
@@ -173,6 +174,8 @@ class TorchrunCallback(Callback):
         self._start_forkserver_early()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Each node's job writes only its own files in the shared output dir.
+        prepare_multirun(config)
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if launcher.endswith("BasicLauncher"):  # jobs run in this very process
             self._start_forkserver_early()
@@ -250,11 +253,12 @@ class TorchrunCallback(Callback):
 
         from hydra_torchrun_callback import _pickling
         from hydra_torchrun_callback._launch import launch
-        from hydra_torchrun_callback._options import resolve_nproc_per_node
         from hydra_torchrun_callback._placement import (
-            allocated_gpus,
             check_port_free,
+            detect_cluster,
+            host_share,
             interface_address,
+            plan_workers,
             resolve_placement,
             usable_cpus,
         )
@@ -271,16 +275,20 @@ class TorchrunCallback(Callback):
 
             # Started first: it imports torch while this process does the rest.
             start_forkserver(getattr(task_function, "__module__", None))
-        gpus = allocated_gpus(os.environ)
-        nproc = resolve_nproc_per_node(
+        # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
+        # split among the job's tasks on it; CPUs from this task's affinity mask.
+        share = host_share(os.environ, detect_cluster(os.environ, opts.cluster))
+        plan = plan_workers(
             opts.nproc_per_node,
-            gpus if gpus is not None else torch.cuda.device_count(),
+            share,
             usable_cpus(),
+            torch.cuda.device_count() if share.host_gpus is None else 0,
         )
         job_num = OmegaConf.select(config, "hydra.job.num", default=0)
         placement = resolve_placement(
-            opts, os.environ, nproc, job_num=job_num if isinstance(job_num, int) else 0
+            opts, os.environ, plan.nproc, job_num=job_num if isinstance(job_num, int) else 0
         )
+        placement = dataclasses.replace(placement, plan=plan)
         if placement.local_addr:  # an interface name (ib0) is resolved on each node
             address = interface_address(placement.local_addr)
             if address is not None:
@@ -294,6 +302,8 @@ class TorchrunCallback(Callback):
                 "write their logs there. Fix: make it writable or point hydra.run.dir / "
                 "hydra.sweep.dir at a writable place."
             )
+        if placement.cluster is not None:  # plain srun: node k logs to <job>_node<k>.log
+            move_node_log(output_dir, str(OmegaConf.select(config, "hydra.job.name")))
         pin_now_interpolations(config)
         try:
             payload = _pickling.dumps(

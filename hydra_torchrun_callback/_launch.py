@@ -303,7 +303,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    from hydra_torchrun_callback._worker import run_worker
+    from hydra_torchrun_callback._worker import LOCAL_SLOT_ENV, run_worker
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)
@@ -325,7 +325,9 @@ def launch(
                 # connectFullMesh can dial a dead rank's stale address and hang.
                 os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
                 if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
-                    os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does
+                    # Each worker's share of this task's CPUs (torchrun sets 1).
+                    threads = placement.plan.threads if placement.plan else 1
+                    os.environ["OMP_NUM_THREADS"] = str(threads)
                 config = _launch_config(opts, placement, log_dir)
                 if records is not None:
                     os.environ.update(records.env)
@@ -336,7 +338,12 @@ def launch(
                     coord.start_watchdog(records.rank_states if records is not None else None)
                 try:
                     try:
-                        values = launch_agent(config, run_worker, [payload, dict(os.environ)])
+                        agent_env = dict(os.environ)
+                        if placement.plan is not None:  # where its workers sit on the host
+                            agent_env[LOCAL_SLOT_ENV] = (
+                                f"{placement.plan.local_offset}:{placement.plan.local_world_size}"
+                            )
+                        values = launch_agent(config, run_worker, [payload, agent_env])
                     except ChildFailedError as err:
                         if records is not None:
                             records.note_failures(err.failures)

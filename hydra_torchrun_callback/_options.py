@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from hydra_torchrun_callback._config import OPTION_NAMES
 
-__all__ = ["Options", "TorchrunOptionError", "parse_options", "resolve_nproc_per_node"]
+__all__ = ["Options", "TorchrunOptionError", "parse_options"]
 
 PREFIX = "hydra.callbacks.torchrun"
 START_METHODS = ("spawn", "fork", "forkserver")
@@ -70,7 +70,7 @@ class Options:
 
     min_nodes: Optional[int]
     max_nodes: Optional[int]
-    nproc_per_node: Optional[str]  # validated spelling; resolved by resolve_nproc_per_node
+    nproc_per_node: Optional[str]  # validated spelling; resolved by _placement.plan_workers
     rdzv_backend: str
     rdzv_endpoint: str
     rdzv_id: Optional[str]
@@ -299,24 +299,3 @@ def _positive_float(option: str, value: Any, example: str) -> float:
     if not number > 0:
         raise TorchrunOptionError(option, value, "expected a number of seconds > 0", example)
     return number
-
-
-def resolve_nproc_per_node(spec: Optional[str], gpu_count: int, cpu_count: int) -> int:
-    """Workers per node from the option and what this node has.
-
-    Unset means one worker per visible GPU, or one when there is none: a CPU
-    machine should not start one process per core by surprise.
-    """
-    if spec is None:
-        return gpu_count if gpu_count > 0 else 1
-    if spec == "gpu":
-        if gpu_count < 1:
-            raise TorchrunOptionError(
-                "nproc_per_node", spec, "'gpu' needs a visible CUDA device and none is", "1"
-            )
-        return gpu_count
-    if spec == "cpu":
-        return max(cpu_count, 1)
-    if spec == "auto":
-        return gpu_count if gpu_count > 0 else max(cpu_count, 1)
-    return int(spec)

@@ -18,7 +18,17 @@ from typing import Optional
 
 from hydra_torchrun_callback._options import Options, TorchrunOptionError
 
-__all__ = ["Placement", "candidate_ports", "check_port_free", "free_port", "resolve_placement"]
+__all__ = [
+    "HostShare",
+    "Placement",
+    "WorkerPlan",
+    "candidate_ports",
+    "check_port_free",
+    "free_port",
+    "host_share",
+    "plan_workers",
+    "resolve_placement",
+]
 
 DEFAULT_STATIC_PORT = 29500
 
@@ -95,25 +105,171 @@ def derived_port(job_id: str) -> int:
     return DERIVED_PORT_BASE + zlib.crc32(job_id.encode()) % DERIVED_PORT_SPAN
 
 
-def allocated_gpus(env: Mapping[str, str]) -> Optional[int]:
-    """GPUs this node may use, from what the scheduler set, without touching CUDA.
+def _count(listed: Optional[str]) -> Optional[int]:
+    """How many devices a ``0,1,3`` list names (None when unset; ``-1``/empty: none)."""
+    if listed is None:
+        return None
+    items = [v.strip() for v in listed.split(",") if v.strip()]
+    if not items or items[0] in ("-1", "NoDevFiles"):
+        return 0
+    return len(items)
 
-    ``CUDA_VISIBLE_DEVICES`` first (SLURM sets it for a step's GRES), then SLURM's own
-    counts. None when nothing says (then torch is asked)."""
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        items = [v for v in visible.split(",") if v.strip()]
-        if not items or items[0].strip() in ("-1", "NoDevFiles"):
-            return 0
-        return len(items)
+
+def host_gpus(env: Mapping[str, str]) -> Optional[int]:
+    """GPUs SLURM allocated to the job on this node (all its tasks), None when unsaid."""
     on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
     if on_node.isdigit():
         return int(on_node)
     for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
-        listed = env.get(name, "").strip()
+        listed = _count(env.get(name))
         if listed:
-            return len([v for v in listed.split(",") if v.strip()])
+            return listed
     return None
+
+
+def tasks_on_node(tasks_per_node: str, node_index: int) -> Optional[int]:
+    """Entry ``node_index`` of SLURM's compressed ``2(x3),1`` list (None if malformed)."""
+    counts: list[int] = []
+    for item in tasks_per_node.split(","):
+        count, _, repeat = item.strip().partition("(x")
+        if not count.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return None
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node_index] if 0 <= node_index < len(counts) else None
+
+
+@dataclass(frozen=True)
+class HostShare:
+    """This task's place among the tasks of its job that share one host.
+
+    One task is one torchrun node; with ``tasks_per_node`` > 1 (the everyday SLURM
+    idiom: one task per GPU) the host's workers are split among its tasks.
+    """
+
+    tasks: int  # tasks of this step on this host
+    index: int  # this task's index among them (SLURM_LOCALID)
+    host_gpus: Optional[int]  # GPUs allocated on this host (None: nobody said)
+    visible_gpus: Optional[int]  # GPUs this task sees (CUDA_VISIBLE_DEVICES; None: unset)
+
+    @property
+    def bound(self) -> bool:
+        """SLURM bound GPUs per task (``--gpus-per-task``, ``--gpu-bind``): each task sees
+        only its own, so LOCAL_RANK must count within the task to index them."""
+        return (
+            self.tasks > 1
+            and self.visible_gpus is not None
+            and self.host_gpus is not None
+            and self.visible_gpus < self.host_gpus
+        )
+
+
+def host_share(env: Mapping[str, str], task: Optional[ClusterTask]) -> HostShare:
+    """Where this task sits on its host, from SLURM's / submitit's variables."""
+    visible = _count(env.get("CUDA_VISIBLE_DEVICES"))
+    gpus = host_gpus(env)
+    if gpus is None:
+        gpus = visible
+    tasks, index = 1, 0
+    if task is not None and task.kind == "slurm":
+        node = env.get("SLURM_NODEID", "0")
+        for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+            listed = env.get(name)
+            found = tasks_on_node(listed, int(node)) if listed and node.isdigit() else None
+            if found:
+                tasks = found
+                break
+        local = env.get("SLURM_LOCALID", "0")
+        index = int(local) if local.isdigit() else 0
+    elif task is not None and gpus:
+        # Emulated nodes on one GPU machine share its GPUs like tasks of one host.
+        tasks, index = task.num_tasks, task.task_rank
+    if tasks == 1 and visible is not None:
+        gpus = visible  # one task: what it sees is what it has
+    return HostShare(tasks=tasks, index=min(index, tasks - 1), host_gpus=gpus, visible_gpus=visible)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What this task's agent starts: how many workers and how they sit on the host."""
+
+    nproc: int  # workers this task's agent starts (torchrun's nproc_per_node for it)
+    local_offset: int  # host-wide LOCAL_RANK of its first worker
+    local_world_size: int  # workers on the host (LOCAL_WORLD_SIZE)
+    threads: int  # CPU threads per worker (OMP_NUM_THREADS unless the user set it)
+
+
+_LAYOUT_FIX = "hydra.launcher.tasks_per_node / gpus_per_node (or gpus_per_task)"
+
+
+def plan_workers(
+    spec: Optional[str], share: HostShare, cpus: int, torch_gpus: int = 0
+) -> WorkerPlan:
+    """Workers for this task, one per GPU it owns, or refuse a layout that cannot be served.
+
+    ``nproc_per_node`` keeps torchrun's meaning, workers per host: with T tasks on a
+    host each task runs 1/T of them. Unset (or ``gpu``) means one per GPU allocated on the
+    host, one per task without GPUs; ``cpu`` counts this task's CPUs (its affinity
+    mask); ``auto`` is ``gpu`` with GPUs, else ``cpu``. ``torch_gpus`` is what torch
+    sees, asked only when the scheduler said nothing.
+    """
+    tasks = share.tasks
+    gpus = share.host_gpus if share.host_gpus is not None else torch_gpus
+    per_task_gpus = (share.visible_gpus or 0) if share.bound else gpus // tasks
+    if spec in (None, "gpu") or (spec == "auto" and gpus > 0):
+        if gpus < 1:
+            if spec == "gpu":
+                raise TorchrunOptionError(
+                    "nproc_per_node", spec, "'gpu' needs a visible CUDA device and none is", "1"
+                )
+            per_task = 1
+        else:
+            if not share.bound and gpus % tasks:
+                raise TorchrunOptionError(
+                    "nproc_per_node",
+                    spec,
+                    f"this node has {gpus} GPU(s) and {tasks} tasks of the job: one worker per "
+                    f"GPU cannot be split evenly among the tasks",
+                    f"{gpus} (with tasks_per_node=1)",
+                    fix=f"ask for a number of tasks per node that divides the GPUs per node "
+                    f"({_LAYOUT_FIX}), e.g. tasks_per_node={gpus} or 1",
+                )
+            per_task = per_task_gpus
+    elif spec in ("cpu", "auto"):
+        per_task = max(cpus, 1)
+    else:
+        workers = int(str(spec))
+        if workers % tasks:
+            raise TorchrunOptionError(
+                "nproc_per_node",
+                spec,
+                f"nproc_per_node counts workers per node (as in torchrun) and this node runs "
+                f"{tasks} tasks of the job: {workers} cannot be split evenly among them",
+                str(tasks * max(workers // tasks, 1)),
+                fix=f"a multiple of the {tasks} tasks per node, or change {_LAYOUT_FIX}",
+            )
+        per_task = workers // tasks
+        if gpus > 0 and (per_task > per_task_gpus or workers > gpus):
+            raise TorchrunOptionError(
+                "nproc_per_node",
+                spec,
+                f"{workers} workers on a node with {gpus} GPU(s) allocated"
+                + (f" ({per_task_gpus} visible to each of its {tasks} tasks)" if tasks > 1 else "")
+                + ": two workers would share a GPU",
+                str(gpus),
+                fix=f"at most one worker per GPU: lower nproc_per_node (or leave it unset), or "
+                f"ask for more GPUs ({_LAYOUT_FIX}); for CPU-only workers on a GPU node set "
+                "CUDA_VISIBLE_DEVICES=''",
+            )
+    if share.bound:
+        offset, host_workers = 0, per_task
+    else:
+        offset, host_workers = share.index * per_task, tasks * per_task
+    return WorkerPlan(
+        nproc=per_task,
+        local_offset=offset,
+        local_world_size=host_workers,
+        threads=max(cpus // per_task, 1),
+    )
 
 
 def usable_cpus() -> int:
@@ -238,6 +394,8 @@ class Placement:
     port_picked: bool
     #: Set for a multi-task job: node 0 hosts the job's store at ``rdzv_endpoint``.
     cluster: Optional[ClusterTask] = None
+    #: How this node's workers sit on a host it shares with other tasks of the job.
+    plan: Optional[WorkerPlan] = None
 
     def describe(self) -> str:
         """One line for the logs: node rank / nodes, endpoint, rdzv id, workers."""

@@ -14,7 +14,7 @@ import copy
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -190,6 +190,21 @@ def adopt_agent_env(env: dict[str, str]) -> None:
             os.environ[key] = value
 
 
+#: "offset:host_workers" from the agent: this node shares its host with other tasks.
+LOCAL_SLOT_ENV = "HYDRA_TORCHRUN_LOCAL_SLOT"
+
+
+def take_host_slot(environ: MutableMapping[str, str]) -> None:
+    """Make LOCAL_RANK / LOCAL_WORLD_SIZE count the host's workers, as torchrun on the
+    host would: with 2 tasks of 1 worker on a 2-GPU host, LOCAL_RANK is 0 and 1, so
+    ``cuda:LOCAL_RANK`` is a different GPU for each."""
+    slot = environ.pop(LOCAL_SLOT_ENV, "")
+    offset, _, host_workers = slot.partition(":")
+    if offset.isdigit() and host_workers.isdigit() and "LOCAL_RANK" in environ:
+        environ["LOCAL_RANK"] = str(int(offset) + int(environ["LOCAL_RANK"]))
+        environ["LOCAL_WORLD_SIZE"] = host_workers
+
+
 def _enter_hydra_job(payload: WorkerPayload, rank: int) -> Any:
     """Restore the Hydra job's state in this process; return the task's config."""
     from hydra.core.hydra_config import HydraConfig
@@ -345,6 +360,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     atexit.register(_fast_exit)
     rank = int(os.environ["RANK"])
     adopt_agent_env(env or {})
+    take_host_slot(os.environ)
     # Before the record exists: a worker the node knows of can always be asked for stacks.
     arm_worker(os.environ.get(RECORDS_ENV), rank)
     record = WorkerRecord(os.environ)

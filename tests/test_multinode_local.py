@@ -32,3 +32,51 @@ def test_lightning_on_two_emulated_nodes(tmp_path: Path) -> None:
 
 def test_stacks_of_every_rank_on_two_nodes(tmp_path: Path) -> None:
     sc.stacks_on_two_nodes(tmp_path, LOCAL, app_env())
+
+
+def test_only_node_0_writes_the_shared_files(tmp_path: Path) -> None:
+    """Nodes share one output dir (NFS): node 1 logs to its own file, never to node 0's."""
+    from conftest import run_app
+
+    run = run_app(tmp_path, *LOCAL, multirun=True, timeout=300)
+    assert run.proc.returncode == 0, run.output
+    job = run.out / "0"
+    shared, own = (job / "probe_app.log").read_text(), (job / "probe_app_node1.log").read_text()
+    assert "node 0/2" in shared and "node 1/2" not in shared
+    assert "node 1/2" in own and "node 0/2" not in own
+    assert (job / ".hydra" / "config.yaml").is_file()
+
+
+def test_each_node_composes_its_own_files(tmp_path: Path) -> None:
+    """The overrides the callback adds for submitit, as node 1 resolves them."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+import hydra_torchrun_callback._per_node as pn
+with initialize_config_dir(config_dir=os.environ["CONF"], version_base=None):
+    cfg = compose("probe", return_hydra_config=True, overrides=[
+        "hydra/launcher=submitit_local", "hydra.mode=MULTIRUN"])
+    pn.prepare_multirun(cfg)
+    given = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)
+    extra = [o for o in given if "torchrun" in o]
+    node = compose("probe", return_hydra_config=True, overrides=extra)
+    OmegaConf.update(node, "hydra.runtime.output_dir", "/out", force_add=True)
+    print(repr(node.hydra.output_subdir), node.hydra.job_logging.handlers.file.filename)
+"""
+    from conftest import APPS
+
+    env = {**app_env(), "CONF": str(APPS / "conf")}
+    for globalid, expected in (("0", "'.hydra' "), ("1", "None ")):
+        env.update(
+            SUBMITIT_LOCAL_JOB_ID="9", SUBMITIT_LOCAL_GLOBALID=globalid, SUBMITIT_LOCAL_NTASKS="2"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(expected), out.stdout
+        assert out.stdout.strip().endswith(".log" if globalid == "0" else "_node1.log")

@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hydra_torchrun_callback.slurm_sandbox import SlurmSandbox
 
 import multinode_scenarios as sc
-from conftest import app_env
+from conftest import app_env, run_app
 
 SLURM = [
     "hydra/launcher=submitit_slurm",
@@ -225,3 +226,82 @@ def test_stacks_of_every_rank_on_the_cluster(cluster: SlurmSandbox, tmp_path: Pa
     start = time.monotonic()
     sc.stacks_on_two_nodes(tmp_path, SLURM, env, stop=scancel)
     TIMINGS["stacks on demand + scancel"] = time.monotonic() - start
+
+
+def _gpu_of(record: dict[str, Any]) -> tuple[str, str]:
+    """(host, physical GPU) a worker binds with the usual ``cuda:LOCAL_RANK``."""
+    env = record["env"]
+    visible = (env["CUDA_VISIBLE_DEVICES"] or "").split(",")
+    return record["host"], visible[int(env["LOCAL_RANK"])]
+
+
+# The sandbox's nodes have 2 fake GPUs each (gres.conf over null devices), so SLURM itself
+# sets CUDA_VISIBLE_DEVICES / SLURM_GPUS_ON_NODE; the CPU build of torch cannot use them,
+# so the probe runs gloo and we check which GPU each worker would bind (cuda:LOCAL_RANK).
+@pytest.mark.parametrize(
+    ("layout", "tasks_on_host"),
+    [
+        # The everyday idiom: one task per GPU.
+        (["hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=2"], 2),
+        # The same, nproc_per_node given as torchrun counts it (per node).
+        (
+            [
+                "hydra.launcher.tasks_per_node=2",
+                "hydra.launcher.gpus_per_node=2",
+                "hydra.callbacks.torchrun.nproc_per_node=2",
+            ],
+            2,
+        ),
+        # One task per node, the agent starts one worker per GPU.
+        (["hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=2"], 1),
+        # SLURM binds one GPU to each task: each task sees only its own.
+        (["hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_task=1"], 2),
+    ],
+    ids=["tasks=gpus", "tasks=gpus,nproc=2", "one-task", "gpus_per_task"],
+)
+def test_one_worker_per_allocated_gpu(
+    cluster: SlurmSandbox, tmp_path: Path, layout: list[str], tasks_on_host: int
+) -> None:
+    run = run_app(
+        tmp_path,
+        *[o for o in SLURM if "tasks_per_node" not in o],
+        *layout,
+        "collective=true",
+        multirun=True,
+        env=_env(cluster),
+        timeout=300,
+    )
+    assert run.proc.returncode == 0, run.output
+    ranks = list(run.rank_files(run.out / "0").values())
+    assert len(ranks) == 4 and {r["env"]["WORLD_SIZE"] for r in ranks} == {"4"}
+    assert {r["sum"] for r in ranks} == {0 + 1 + 2 + 3}
+    gpus = [_gpu_of(r) for r in ranks]
+    assert sorted(gpus) == [("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")], gpus
+    for host in ("n1", "n2"):
+        here = [r for r in ranks if r["host"] == host]
+        assert len({r["env"]["SLURM_LOCALID"] for r in here}) == tasks_on_host
+        if tasks_on_host == 2:
+            # task/affinity: the two tasks of a node were bound to different CPUs.
+            assert not set(here[0]["cpus"]) & set(here[1]["cpus"]), here
+        else:  # two workers share the task's CPUs: OMP_NUM_THREADS is each one's share
+            share = max(len(here[0]["cpus"]) // 2, 1)
+            assert {r["env"]["OMP_NUM_THREADS"] for r in here} == {str(share)}, here
+
+
+def test_layout_that_cannot_be_served_fails_before_workers(
+    cluster: SlurmSandbox, tmp_path: Path
+) -> None:
+    """4 workers on a node with 2 GPUs: refused on every node, naming the options."""
+    run = run_app(
+        tmp_path,
+        *[o for o in SLURM if "tasks_per_node" not in o],
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.gpus_per_node=2",
+        "hydra.callbacks.torchrun.nproc_per_node=4",
+        multirun=True,
+        env=_env(cluster),
+        timeout=300,
+    )
+    assert run.proc.returncode != 0
+    assert "nproc_per_node" in run.output and "two workers would share a GPU" in run.output
+    assert not list(run.out.rglob("started_rank*.json"))  # no worker ever started

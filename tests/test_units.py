@@ -10,8 +10,13 @@ from omegaconf import OmegaConf
 
 from hydra_torchrun_callback import TorchrunConf, TorchrunOptionError
 from hydra_torchrun_callback._divert import DivertError, Outcome, divert
-from hydra_torchrun_callback._options import parse_options, resolve_nproc_per_node
-from hydra_torchrun_callback._placement import resolve_placement
+from hydra_torchrun_callback._options import parse_options
+from hydra_torchrun_callback._placement import (
+    HostShare,
+    host_share,
+    plan_workers,
+    resolve_placement,
+)
 from hydra_torchrun_callback._worker import rank_logging_config
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -45,12 +50,97 @@ def test_nnodes_forms() -> None:
 )
 def test_nproc_resolution(spec: str | None, gpus: int, cpus: int, expected: int) -> None:
     """Unset: one per GPU, one without GPUs, never one per core (GPU counts given, not probed)."""
-    assert resolve_nproc_per_node(spec, gpus, cpus) == expected
+    plan = plan_workers(spec, HostShare(1, 0, gpus, None), cpus)
+    assert (plan.nproc, plan.local_offset, plan.local_world_size) == (expected, 0, expected)
+    assert plan.threads == max(cpus // expected, 1)
 
 
 def test_nproc_gpu_without_gpu() -> None:
     with pytest.raises(TorchrunOptionError, match="needs a visible CUDA device"):
-        resolve_nproc_per_node("gpu", 0, 8)
+        plan_workers("gpu", HostShare(1, 0, 0, None), 8)
+
+
+def _slurm_task(procid: int, localid: int, nodeid: int, **extra: str) -> dict[str, str]:
+    """A task's variables as Slurm 22.05 sets them for ``-N2 --ntasks-per-node=2``."""
+    return {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(localid),
+        "SLURM_NODEID": str(nodeid),
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpu_env", "expected"),
+    [
+        # --gpus-per-node=2, both tasks of a node see both GPUs: one each, LOCAL_RANK host-wide.
+        (None, {"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}, [(1, 0, 2), (1, 1, 2)]),
+        ("2", {"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}, [(1, 0, 2), (1, 1, 2)]),
+        # 4 GPUs a node, 2 tasks: two workers each.
+        (
+            "gpu",
+            {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+            [(2, 0, 4), (2, 2, 4)],
+        ),
+        # --gpus-per-task=1: each task sees only its own GPU, LOCAL_RANK counts within it.
+        (None, {"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0"}, [(1, 0, 1), (1, 0, 1)]),
+        # No GPUs: one worker per task, LOCAL_RANK host-wide as torchrun gives it on a host.
+        (None, {}, [(1, 0, 2), (1, 1, 2)]),
+        ("4", {}, [(2, 0, 4), (2, 2, 4)]),
+    ],
+)
+def test_layouts_split_the_host_among_its_tasks(
+    spec: str | None, gpu_env: dict[str, str], expected: list[tuple[int, int, int]]
+) -> None:
+    from hydra_torchrun_callback._placement import detect_cluster
+
+    got = []
+    for localid in (0, 1):
+        env = _slurm_task(2 + localid, localid, 1, **gpu_env)
+        plan = plan_workers(spec, host_share(env, detect_cluster(env)), cpus=4)
+        got.append((plan.nproc, plan.local_offset, plan.local_world_size))
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpu_env", "message"),
+    [
+        # 3 tasks on a node with 2 GPUs: someone would share a GPU.
+        (None, {"SLURM_GPUS_ON_NODE": "2"}, "cannot be split evenly among the tasks"),
+        ("4", {"SLURM_GPUS_ON_NODE": "6"}, "cannot be split evenly among them"),
+        ("6", {"SLURM_GPUS_ON_NODE": "3"}, "two workers would share a GPU"),
+        ("gpu", {}, "needs a visible CUDA device"),
+    ],
+)
+def test_layouts_that_cannot_be_served_are_refused(
+    spec: str | None, gpu_env: dict[str, str], message: str
+) -> None:
+    from hydra_torchrun_callback._placement import detect_cluster
+
+    env = _slurm_task(0, 0, 0, **{**gpu_env, "SLURM_STEP_TASKS_PER_NODE": "3"})
+    with pytest.raises(TorchrunOptionError, match=message) as err:
+        plan_workers(spec, host_share(env, detect_cluster(env)), cpus=4)
+    assert "nproc_per_node" in str(err.value)
+
+
+def test_tasks_per_node_lists() -> None:
+    from hydra_torchrun_callback._placement import tasks_on_node
+
+    assert [tasks_on_node("2(x3),1", i) for i in range(5)] == [2, 2, 2, 1, None]
+    assert tasks_on_node("4", 0) == 4
+    assert tasks_on_node("junk", 0) is None
+
+
+def test_cpu_threads_are_the_task_share() -> None:
+    """8 CPUs bound to a task running 2 workers: 4 threads each (OMP_NUM_THREADS)."""
+    plan = plan_workers("2", HostShare(1, 0, 0, None), cpus=8)
+    assert plan.threads == 4
+    assert plan_workers("4", HostShare(1, 0, 0, None), cpus=2).threads == 1
 
 
 def test_std_and_rdzv_conf_forms() -> None:
@@ -274,17 +364,18 @@ def test_node_list_expansion(node_list: str, hosts: list[str]) -> None:
 
 
 def test_gpus_from_the_allocation_without_cuda() -> None:
-    from hydra_torchrun_callback._placement import allocated_gpus
-
-    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
-    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "2"}) == 1
-    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
-    assert allocated_gpus({"SLURM_GPUS_ON_NODE": "8"}) == 8
-    assert allocated_gpus({"SLURM_JOB_GPUS": "4,5"}) == 2
-    # SLURM sets CUDA_VISIBLE_DEVICES per step; it wins over the job-level count.
-    assert allocated_gpus({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}) == 2
-    assert allocated_gpus({}) is None
+    share = host_share({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, None)
+    assert (share.host_gpus, share.visible_gpus) == (4, 4)
+    assert host_share({"CUDA_VISIBLE_DEVICES": "2"}, None).host_gpus == 1
+    assert host_share({"CUDA_VISIBLE_DEVICES": ""}, None).host_gpus == 0
+    assert host_share({"CUDA_VISIBLE_DEVICES": "-1"}, None).host_gpus == 0
+    assert host_share({"SLURM_GPUS_ON_NODE": "8"}, None).host_gpus == 8
+    assert host_share({"SLURM_JOB_GPUS": "4,5"}, None).host_gpus == 2
+    # One task: what it sees (SLURM sets CUDA_VISIBLE_DEVICES per step) is what it has.
+    assert (
+        host_share({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}, None).host_gpus == 2
+    )
+    assert host_share({}, None).host_gpus is None
 
 
 def test_cpus_are_the_affinity_mask() -> None:

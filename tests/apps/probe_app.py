@@ -28,6 +28,9 @@ ENV_KEYS = (
     "TORCHELASTIC_RUN_ID",
     "PROBE_ENV",
     "OMP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
 )
 
 
@@ -46,6 +49,7 @@ def main(cfg: DictConfig) -> object:
         "hydra_cfg": OmegaConf.to_container(hc, resolve=False, enum_to_str=True),
         "attempt": attempt,
         "host": socket.gethostname(),
+        "cpus": sorted(os.sched_getaffinity(0)),
     }
     with open(os.path.join(hc.runtime.output_dir, f"started_rank{rank}.json"), "w") as f:
         json.dump({"agent_pid": os.getppid(), "pid": os.getpid()}, f)
