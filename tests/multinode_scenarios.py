@@ -151,9 +151,13 @@ def preempted_and_requeued(
     return wall
 
 
-def signal_agents(agents: set[int]) -> None:
-    """What submitit's local controller does at timeout - signal_delay_s."""
-    for pid in agents:
+def signal_agents(parents: set[int]) -> None:
+    """What submitit's local controller does at timeout - signal_delay_s: signal each
+    node's Hydra process (the agent; a forkserver worker's parent is the server)."""
+    for pid in parents:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         os.kill(pid, signal.SIGUSR2)
 
 

@@ -26,6 +26,13 @@ def test_preempted_and_requeued(tmp_path: Path) -> None:
     sc.preempted_and_requeued(tmp_path, LOCAL, app_env(), sc.signal_agents)
 
 
+def test_preemption_reaches_forkserver_workers(tmp_path: Path) -> None:
+    """forkserver workers are not the agent's children (the server's): the signal still
+    reaches them, by the pids they recorded."""
+    forkserver = [*LOCAL, "hydra.callbacks.torchrun.start_method=forkserver"]
+    sc.preempted_and_requeued(tmp_path, forkserver, app_env(), sc.signal_agents)
+
+
 def test_lightning_on_two_emulated_nodes(tmp_path: Path) -> None:
     sc.lightning_two_nodes(tmp_path, LOCAL, app_env())
 
