@@ -10,7 +10,7 @@ import pytest
 
 from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import parse_options
-from hydra_torchrun_callback._placement import resolve_placement
+from hydra_torchrun_callback._placement import Placement, resolve_placement
 from hydra_torchrun_callback._result import job_error
 from hydra_torchrun_callback._store import load_secret
 from hydra_torchrun_callback._worker import _claim_first_failure
@@ -144,3 +144,40 @@ def test_a_node_that_never_beats_is_lost_after_the_join_timeout() -> None:
     assert reasons and "node 1 never joined the job's store within 2s" in str(reasons[0])
     assert time.monotonic() - start < 2 + 2
     assert node0.failure() is not None  # published: every node that joins later stops
+
+
+def test_other_nodes_wait_for_a_late_node_0_up_to_the_join_timeout() -> None:
+    """submitit can start nodes minutes apart: node 1 starts first and finds node 0's
+    store when it comes up, well after 2 x peer_timeout (here 1 s), within join_timeout."""
+    import threading
+
+    port = _free_port()
+
+    def placement(node: int) -> Placement:
+        env = {
+            "SUBMITIT_EXECUTOR": "local",
+            "SUBMITIT_LOCAL_JOB_ID": "779",
+            "SUBMITIT_LOCAL_GLOBALID": str(node),
+            "SUBMITIT_LOCAL_NTASKS": "2",
+        }
+        return resolve_placement(parse_options({"master_port": port}), env, 1)
+
+    joined: list[object] = []
+
+    def node1() -> None:
+        try:
+            joined.append(
+                JobCoordinator(placement(1), 0.5, load_secret(os.environ), join_timeout=30)
+            )
+        except BaseException as exc:  # recorded for the assertion below
+            joined.append(exc)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=node1, daemon=True)
+    thread.start()
+    time.sleep(4.0)  # node 0 shows up 4 s later: 8 x peer_timeout
+    node0 = JobCoordinator(placement(0), 0.5, load_secret(os.environ), join_timeout=30)
+    thread.join(timeout=30)
+    assert joined and isinstance(joined[0], JobCoordinator), joined
+    assert time.monotonic() - start >= 4.0
+    node0.mark_done(None)
