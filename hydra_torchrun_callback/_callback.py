@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
 from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
-from hydra_torchrun_callback._per_node import move_node_log, prepare_multirun
+from hydra_torchrun_callback._per_node import adopt_output_dir, move_node_log, prepare_multirun
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
@@ -305,24 +305,34 @@ class TorchrunCallback(Callback):
         if placement.cluster is not None:  # plain srun: node k logs to <job>_node<k>.log
             move_node_log(output_dir, str(OmegaConf.select(config, "hydra.job.name")))
         pin_now_interpolations(config)
-        try:
-            payload = _pickling.dumps(
-                WorkerPayload(
-                    task=task_function,
-                    config=config,
-                    cwd=os.getcwd(),
-                    started=started,
-                    resolvers=capture_resolvers(),
-                    main_module=describe_main_module(sys.modules.get("__main__")),
+
+        def make_payload() -> bytes:
+            try:
+                return _pickling.dumps(
+                    WorkerPayload(
+                        task=task_function,
+                        config=config,
+                        cwd=os.getcwd(),
+                        started=started,
+                        resolvers=capture_resolvers(),
+                        main_module=describe_main_module(sys.modules.get("__main__")),
+                    )
                 )
-            )
-        except Exception as exc:
-            raise TorchrunSetupError(
-                f"the task function {getattr(task_function, '__qualname__', task_function)!r} "
-                f"or its config cannot be pickled for the workers ({type(exc).__name__}: {exc}). "
-                "Fix: keep locks, open files, sockets and other process-bound objects out of "
-                "the task's closure and config; create them inside the task."
-            ) from exc
+            except Exception as exc:
+                raise TorchrunSetupError(
+                    f"the task function {getattr(task_function, '__qualname__', task_function)!r}"
+                    f" or its config cannot be pickled for the workers ({type(exc).__name__}: "
+                    f"{exc}). Fix: keep locks, open files, sockets and other process-bound "
+                    "objects out of the task's closure and config; create them inside the task."
+                ) from exc
+
+        def payload_in(job_dir: str) -> bytes:
+            """Node 0 decided the job's output dir (``${now:}`` resolved at another time
+            here): take it, then pickle the job as it now is."""
+            adopt_output_dir(config, output_dir, job_dir)
+            return make_payload()
+
+        payload = make_payload()
         log.info("%s", placement.describe())
         report = JobReport(placement, started)
         try:
@@ -335,7 +345,7 @@ class TorchrunCallback(Callback):
                 report.records.harvest_stacks()
                 report.rows = report.records.rows(0, socket.gethostname())
             else:
-                data = self._run_multinode(opts, placement, payload, report, output_dir)
+                data = self._run_multinode(opts, placement, payload, report, output_dir, payload_in)
         except BaseException as exc:
             report.error = exc
             raise
@@ -366,7 +376,13 @@ class TorchrunCallback(Callback):
         return Heartbeat(opts.heartbeat_interval, world, states)
 
     def _run_multinode(
-        self, opts: Any, placement: Any, payload: bytes, report: JobReport, output_dir: str
+        self,
+        opts: Any,
+        placement: Any,
+        payload: bytes,
+        report: JobReport,
+        output_dir: str,
+        payload_in: Callable[[str], bytes],
     ) -> Optional[bytes]:
         """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
         from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
@@ -382,10 +398,18 @@ class TorchrunCallback(Callback):
         # A node that never beats counts as lost after torch's rendezvous join timeout.
         join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
         coord = JobCoordinator(
-            placement, opts.peer_timeout, secret, ports=ports, join_timeout=join_timeout
+            placement,
+            opts.peer_timeout,
+            secret,
+            ports=ports,
+            join_timeout=join_timeout,
+            job_dir=output_dir,
         )
         placement = coord.placement  # with the port the job's store was found on
         node0 = placement.node_rank == 0
+        job_dir = coord.job_dir()
+        if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
+            payload, output_dir = payload_in(job_dir), job_dir
         records = report.records
 
         def states() -> dict[int, str]:

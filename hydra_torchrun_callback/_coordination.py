@@ -78,7 +78,9 @@ class JobCoordinator:
         ports: Optional[Sequence[int]] = None,
         join_timeout: Optional[float] = None,
         abort: Optional[Callable[[TorchrunJobError], None]] = None,
+        job_dir: Optional[str] = None,
     ):
+        """``job_dir``: node 0's output dir, the one all nodes of the job work in."""
         assert placement.cluster is not None
         self.node = placement.node_rank
         self.nnodes = placement.max_nodes
@@ -96,6 +98,8 @@ class JobCoordinator:
             _hb(n): json.dumps({"beat": 0, "done": False}).encode() for n in range(self.nnodes)
         }
         initial["failure"] = _NO_FAILURE
+        if job_dir:
+            initial["jobdir"] = job_dir.encode()
         try:
             if self.is_server:
                 self.js, chosen = host_job_store(
@@ -145,6 +149,11 @@ class JobCoordinator:
         return self.js.signer
 
     # -- what nodes tell each other --------------------------------------------
+    def job_dir(self) -> Optional[str]:
+        """Node 0's output dir (set when it hosted the store), None if it gave none."""
+        payload = self.js.get("jobdir")
+        return payload.decode() if payload else None
+
     def put_result(self, data: bytes) -> None:
         self.js.put_large("result", data)
 

@@ -13,13 +13,14 @@ It also makes srun steps inside the job inherit ``cpus_per_task``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-__all__ = ["move_node_log", "node_index", "prepare_multirun"]
+__all__ = ["adopt_output_dir", "move_node_log", "node_index", "prepare_multirun"]
 
 #: Hydra's default job log file; only this one is renamed per node (a user's own
 #: logging config is theirs).
@@ -105,3 +106,56 @@ def move_node_log(output_dir: str, job_name: str) -> Optional[str]:
                 handler.release()
             moved = own
     return moved
+
+
+def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> None:
+    """Node k works in node 0's output dir: with plain ``srun`` each task resolved
+    ``hydra.run.dir`` itself, and ``${now:}`` there differs between nodes started a
+    second apart. Moves this node's log there and removes the dir Hydra made here if it
+    holds nothing but Hydra's own files."""
+    from hydra.core.hydra_config import HydraConfig
+
+    log = logging.getLogger("hydra_torchrun_callback")
+    log.warning(
+        "node %d works in node 0's output dir %s (its own, %s, differs: ${now:} in "
+        "hydra.run.dir was resolved at another time on each node)",
+        node_index(),
+        job_dir,
+        own_dir,
+    )
+    held: Any = HydraConfig.instance().cfg if HydraConfig.initialized() else None
+    for cfg in (config, held):  # the job's config, and HydraConfig's copy of its hydra node
+        if cfg is not None:
+            with read_write(cfg.hydra.runtime):
+                cfg.hydra.runtime.output_dir = job_dir
+    if os.path.realpath(os.getcwd()) == os.path.realpath(own_dir):
+        os.chdir(job_dir)  # hydra.job.chdir=True: the job runs in its output dir
+    own = os.path.realpath(own_dir)
+    for handler in logging.getLogger().handlers:
+        if (
+            isinstance(handler, logging.FileHandler)
+            and os.path.dirname(handler.baseFilename) == own
+        ):
+            old = handler.baseFilename
+            handler.acquire()
+            try:
+                handler.close()
+                handler.baseFilename = os.path.join(job_dir, os.path.basename(old))
+                handler.stream = handler._open()
+                with open(old) as lines:  # what this node logged so far
+                    handler.stream.write(lines.read())
+                os.unlink(old)
+            finally:
+                handler.release()
+    # Hydra opened <job>.log here before the log moved to <job>_node<k>.log: empty.
+    opened = os.path.join(own, f"{OmegaConf.select(config, 'hydra.job.name')}.log")
+    with contextlib.suppress(OSError):
+        if os.path.getsize(opened) == 0:
+            os.unlink(opened)
+    hydra_files = os.path.join(own, ".hydra")
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(hydra_files, name))
+    for folder in (hydra_files, own):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty: anything else there is kept

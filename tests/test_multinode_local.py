@@ -87,3 +87,44 @@ with initialize_config_dir(config_dir=os.environ["CONF"], version_base=None):
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(expected), out.stdout
         assert out.stdout.strip().endswith(".log" if globalid == "0" else "_node1.log")
+
+
+def test_nodes_agree_on_one_output_dir_with_now(tmp_path: Path) -> None:
+    """Two tasks started by hand (as plain srun does) resolve ``${now:...%f}`` in
+    hydra.run.dir at different times: node 1 works in node 0's dir and removes its own."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from conftest import APPS
+
+    procs = []
+    job = uuid.uuid4().hex[:8]
+    for node in (0, 1):
+        env = {
+            **app_env(),
+            "SUBMITIT_LOCAL_JOB_ID": job,
+            "SUBMITIT_LOCAL_GLOBALID": str(node),
+            "SUBMITIT_LOCAL_NTASKS": "2",
+        }
+        cmd = [
+            sys.executable,
+            str(APPS / "probe_app.py"),
+            "hydra/callbacks=torchrun",
+            f"hydra.run.dir={tmp_path}/out/${{now:%H-%M-%S-%f}}",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        )
+        time.sleep(0.5)  # node 1 starts later: its ${now:} differs
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    (only,) = list((tmp_path / "out").iterdir())  # node 1's own dir is gone
+    ranks = [json.loads(p.read_text()) for p in only.glob("rank*.json")]
+    assert sorted(r["env"]["RANK"] for r in ranks) == ["0", "1"]
+    assert {r["output_dir"] for r in ranks} == {str(only)}
+    assert "node 1/2" in (only / "probe_app_node1.log").read_text()
+    assert "works in node 0's output dir" in (only / "probe_app_node1.log").read_text()
+    assert "node 1/2" not in (only / "probe_app.log").read_text()

@@ -305,3 +305,41 @@ def test_layout_that_cannot_be_served_fails_before_workers(
     assert run.proc.returncode != 0
     assert "nproc_per_node" in run.output and "two workers would share a GPU" in run.output
     assert not list(run.out.rglob("started_rank*.json"))  # no worker ever started
+
+
+def test_two_steps_of_one_allocation_never_share_a_rendezvous(
+    cluster: SlurmSandbox, tmp_path: Path
+) -> None:
+    """Plain srun in a batch script: two 2-node steps at once (before: both took one port
+    and one rdzv id; one failed with EADDRINUSE while its worker ran in the other job).
+    Each step's nodes also agree on one output dir though ``${now:}`` is in it."""
+    import json
+
+    from conftest import APPS
+
+    app = f"{sys.executable} {APPS / 'probe_app.py'} hydra/callbacks=torchrun"
+    script = tmp_path / "two_steps.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        # ${now:} in the run dir: each node resolves it at its own time; they must agree.
+        f"srun -N2 -n2 --overlap {app} 'hydra.run.dir={tmp_path}/a/${{now:%H-%M-%S-%f}}' &\n"
+        f"srun -N2 -n2 --overlap {app} 'hydra.run.dir={tmp_path}/b/${{now:%H-%M-%S-%f}}' &\n"
+        "wait -n && wait -n\n"
+    )
+    proc = subprocess.run(
+        ["sbatch", "--wait", "-N2", "-o", str(tmp_path / "job.out"), str(script)],
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log
+    runs = {}
+    for step in ("a", "b"):
+        (job_dir,) = list((tmp_path / step).iterdir())  # one output dir for both nodes
+        ranks = [json.loads(p.read_text()) for p in job_dir.glob("rank*.json")]
+        assert sorted(r["host"] for r in ranks) == ["n1", "n2"], log
+        assert {r["env"]["WORLD_SIZE"] for r in ranks} == {"2"}
+        (runs[step],) = {r["env"]["TORCHELASTIC_RUN_ID"] for r in ranks}
+    assert runs["a"] != runs["b"]  # job<id>.s0 and job<id>.s1
