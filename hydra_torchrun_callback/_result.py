@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -12,6 +15,7 @@ __all__ = [
     "is_crash",
     "job_error",
     "root_cause_error",
+    "to_cpu",
 ]
 
 #: Error texts (exception message, traceback) are kept up to this many characters: they
@@ -165,3 +169,102 @@ def job_error(
         exitcode=exitcode,
         node_rank=node_rank,
     )
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor on an accelerator (CUDA, MPS, XPU, ...) copied to the CPU.
+
+    Rank 0 calls it on its return value before pickling it, so that unpickling the
+    value in the Hydra process (or in a sweeper on a node without GPUs) never needs,
+    nor initialises, CUDA. Walks dicts (``OrderedDict`` state dicts keep their
+    ``_metadata``, ``defaultdict`` its factory), lists, tuples, named tuples, sets,
+    frozensets and dataclass instances; an ``nn.Module`` is moved to the CPU in place
+    (``module.cpu()``); attributes of other objects are not walked.
+
+    Objects other than these, and containers that hold no accelerator tensor, are
+    returned as the very same object; a container that does hold one is copied (same
+    type), never changed in place. A tensor met twice gives one CPU tensor; a
+    ``requires_grad`` tensor gives a CPU leaf that requires grad; an ``nn.Parameter``
+    stays one; ``meta`` tensors (no data) are kept. Without torch imported there can be
+    no tensor: ``value`` is returned as is and torch is not imported.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "Tensor"):
+        return value
+    return _CpuWalk(torch.Tensor, sys.modules.get("torch.nn")).walk(value)
+
+
+#: Device types whose tensors stay where they are: the CPU, and ``meta`` (no data).
+_KEEP_DEVICES = frozenset({"cpu", "meta"})
+_ATOMS = (str, bytes, int, float, complex, type(None))
+
+
+class _CpuWalk:
+    def __init__(self, tensor_type: type, nn: Any) -> None:
+        self.tensor_type = tensor_type
+        self.parameter_type: Any = getattr(nn, "Parameter", None)
+        self.module_type: Any = getattr(nn, "Module", None)
+        self.memo: dict[int, Any] = {}  # id -> result: a shared object stays shared
+        self.alive: list[Any] = []  # walked objects outlive the walk: ids stay unique
+
+    def walk(self, value: Any) -> Any:
+        if isinstance(value, _ATOMS):
+            return value
+        key = id(value)
+        if key not in self.memo:
+            self.memo[key] = value  # a reference cycle back to it finds the original
+            self.alive.append(value)
+            self.memo[key] = self._convert(value)
+        return self.memo[key]
+
+    def _walk_all(self, items: Any) -> Optional[list[Any]]:
+        """The walked items, or None when every one came back unchanged."""
+        walked = [self.walk(v) for v in items]
+        return None if all(w is v for w, v in zip(walked, items, strict=True)) else walked
+
+    def _convert(self, value: Any) -> Any:
+        if isinstance(value, self.tensor_type):
+            return self._tensor(value)
+        if self.module_type is not None and isinstance(value, self.module_type):
+            return value.cpu()  # in place: the same module, now on the CPU
+        if isinstance(value, dict):
+            keys = list(value)
+            walked = self._walk_all([value[k] for k in keys])
+            if walked is None:
+                return value
+            mapping = copy.copy(value)  # keeps the type, default_factory, _metadata
+            mapping.update(zip(keys, walked, strict=True))
+            return mapping
+        if isinstance(value, list):
+            walked = self._walk_all(value)
+            if walked is None:
+                return value
+            seq = copy.copy(value)
+            seq[:] = walked
+            return seq
+        if isinstance(value, (tuple, set, frozenset)):
+            items = list(value)
+            walked = self._walk_all(items)
+            if walked is None:
+                return value
+            if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+                return type(value)(*walked)
+            return type(value)(walked)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            names = [f.name for f in dataclasses.fields(value) if hasattr(value, f.name)]
+            walked = self._walk_all([getattr(value, name) for name in names])
+            if walked is None:
+                return value
+            instance = copy.copy(value)
+            for name, item in zip(names, walked, strict=True):
+                object.__setattr__(instance, name, item)  # frozen dataclasses too
+            return instance
+        return value
+
+    def _tensor(self, tensor: Any) -> Any:
+        if tensor.device.type in _KEEP_DEVICES:
+            return tensor
+        moved = tensor.detach().cpu()
+        if self.parameter_type is not None and isinstance(tensor, self.parameter_type):
+            return self.parameter_type(moved, requires_grad=tensor.requires_grad)
+        return moved.requires_grad_() if tensor.requires_grad else moved

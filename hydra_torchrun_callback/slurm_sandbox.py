@@ -1,13 +1,17 @@
 """A real SLURM cluster on one machine, for tests and for trying multi-node on a laptop.
 
-One ``slurmctld`` and N ``slurmd`` (Debian's slurm-wlm, MULTIPLE_SLURMD build),
-every file under one folder, loopback traffic only. Each ``slurmd`` runs in its
-own mount + UTS namespace with its own hostname (``n1``, ``n2`` ...) and a
-private hosts file, so jobs see distinct node names that resolve to distinct
-loopback addresses, as torch's c10d rendezvous needs. Needs root.
+One ``slurmctld`` and N ``slurmd`` (Debian's slurm-wlm, MULTIPLE_SLURMD build), set up
+like a GPU site: munge authentication (a private ``munged``), real accounting
+(``slurmdbd`` over a private MariaDB, so ``sacct`` answers), CPU binding
+(``task/affinity``) and fake GPUs (GRES over null devices, so SLURM itself sets
+``CUDA_VISIBLE_DEVICES`` / ``SLURM_GPUS_ON_NODE`` for jobs that ask for GPUs). Every
+file lives under one folder, every daemon listens on loopback only (or a unix socket).
+Each ``slurmd`` runs in its own mount + UTS namespace with its own hostname (``n1``,
+``n2`` ...) and a private hosts file, so jobs see distinct node names that resolve to
+distinct loopback addresses, as torch's c10d rendezvous needs. Needs root.
 
-    python -m hydra_torchrun_callback.slurm_sandbox start --nodes 2 --dir /tmp/sb
-    export SLURM_CONF=/tmp/sb/etc/slurm.conf PATH=/tmp/sb/bin:$PATH
+    python -m hydra_torchrun_callback.slurm_sandbox start --nodes 2 --gpus 2 --dir /tmp/sb
+    export SLURM_CONF=/tmp/sb/etc/slurm.conf
     python -m hydra_torchrun_callback.slurm_sandbox stop --dir /tmp/sb
 """
 
@@ -17,38 +21,49 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from hydra_torchrun_callback._proc import descendants
 
 __all__ = ["SlurmSandbox", "main"]
 
-#: sacct stand-in: submitit polls ``sacct -o JobID,State,NodeList --parsable2 -j IDS``.
-#: Without accounting, real sacct fails and a job that dies without a result makes
-#: submitit wait forever; this answers from ``scontrol show job``.
-SACCT = r"""#!/usr/bin/env python3
-import subprocess, sys
-args = sys.argv[1:]
-ids = args[args.index("-j") + 1].split(",") if "-j" in args else []
-print("JobID|State|NodeList")
-for jid in ids:
-    out = subprocess.run(["scontrol", "show", "job", "-o", jid.split("_")[0]],
-                         capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        f = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
-        name = f.get("JobId", "")
-        if f.get("ArrayJobId") and f.get("ArrayTaskId"):
-            name = f["ArrayJobId"] + "_" + f["ArrayTaskId"]
-        print("|".join([name, f.get("JobState", "UNKNOWN"), f.get("NodeList", "")]))
-"""
+CLUSTER = "sandbox"
+#: Debian packages that provide the daemons and clients (``apt-get install -y ...``).
+PACKAGES = "slurmctld slurmd slurm-client slurmdbd munge mariadb-server"
+#: Tool -> package, checked before anything starts.
+TOOLS = {
+    "slurmctld": "slurmctld",
+    "slurmd": "slurmd",
+    "slurmdbd": "slurmdbd",
+    "sinfo": "slurm-client",
+    "sacctmgr": "slurm-client",
+    "munged": "munge",
+    "mariadbd": "mariadb-server",
+    "mariadb-install-db": "mariadb-server",
+    "unshare": "util-linux",
+}
+#: Stopped after slurmctld and the slurmds (slurmctld flushes to slurmdbd), in this order.
+SERVICES = (("slurmdbd",), ("mariadbd", "munged"))
+#: unix socket paths are limited to 108 bytes (sun_path).
+_SUN_PATH_MAX = 107
+#: MariaDB sized for a sandbox (slurmdbd logs that it would like more: harmless).
+_MARIADB_OPTS = (
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-log-file-size=8M",
+    "--innodb-lock-wait-timeout=900",
+)
 
 
 def _free_port() -> int:
@@ -57,14 +72,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _machine_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _which(tool: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which(tool, path=path)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @dataclass
 class SlurmSandbox:
-    """Start/stop a private SLURM cluster under ``base``."""
+    """Start/stop a private SLURM cluster (with munge, slurmdbd and MariaDB) under ``base``.
+
+    ``cpus``: CPUs declared per node (default: the machine's; more puts a node in INVAL).
+    ``gpus``: fake GPUs per node (null character devices under ``base/dev``; 0: none).
+    """
 
     base: Path
     nodes: int = 2
-    cpus: int = 2
+    cpus: int = field(default_factory=_machine_cpus)
+    gpus: int = 2
     pids: dict[str, int] = field(default_factory=dict)
+    _procs: dict[str, subprocess.Popen[bytes]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def conf(self) -> Path:
@@ -74,43 +112,118 @@ class SlurmSandbox:
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
 
-    def env(self) -> dict[str, str]:
-        """What a client (sbatch, submitit) needs: SLURM_CONF and the sacct stand-in."""
-        return {
-            "SLURM_CONF": str(self.conf),
-            "PATH": f"{self.base / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+    @property
+    def munge_socket(self) -> Path:
+        return self.base / "munge" / "munged.socket"
 
-    def _write_files(self) -> None:
-        for sub in ("etc", "spool", "state", "log", "run", "bin"):
-            (self.base / sub).mkdir(parents=True, exist_ok=True)
+    @property
+    def mysql_socket(self) -> Path:
+        """Where ``mariadb --no-defaults -S <this> -u root`` reaches the accounting database."""
+        return self.base / "db" / "mysqld.sock"
+
+    @property
+    def gpu_files(self) -> list[Path]:
+        return [self.base / "dev" / f"gpu{i}" for i in range(self.gpus)]
+
+    def env(self) -> dict[str, str]:
+        """What a client (sbatch, sacct, submitit) needs: SLURM_CONF, with PATH as it is.
+
+        slurm.conf names the munge socket (``AuthInfo``) and slurmdbd, so nothing else is
+        needed; without SLURM_CONF, Slurm would look the controller up in DNS.
+        """
+        return {"SLURM_CONF": str(self.conf), "PATH": os.environ.get("PATH", os.defpath)}
+
+    @staticmethod
+    def missing_tools() -> list[str]:
+        """``tool (package)`` for each tool the sandbox needs that is not installed."""
+        return [f"{tool} ({pkg})" for tool, pkg in TOOLS.items() if _which(tool) is None]
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _write_files(self, ports: dict[str, int], db_password: str) -> None:
+        b = self.base
+        for sub in ("etc", "spool", "state", "log", "run", "dev", "db/tmp"):
+            (b / sub).mkdir(parents=True, exist_ok=True)
+        (b / "munge").mkdir(mode=0o700, exist_ok=True)
         for name in self.node_names:
-            (self.base / "spool" / f"slurmd-{name}").mkdir(exist_ok=True)
+            (b / "spool" / f"slurmd-{name}").mkdir(exist_ok=True)
+        for sock in (self.munge_socket, self.mysql_socket):
+            if len(str(sock)) > _SUN_PATH_MAX:
+                raise ValueError(f"sandbox folder too deep for a unix socket path: {sock}")
         hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
         lines = [
             ln for ln in hosts.splitlines() if not any(n in ln.split() for n in self.node_names)
         ]
         # 127.0.2.x: clear of Debian's "127.0.1.1 <hostname>" line.
         lines += [f"127.0.2.{i} {n}" for i, n in enumerate(self.node_names, start=1)]
-        (self.base / "etc" / "hosts").write_text("\n".join(lines) + "\n")
-        (self.base / "etc" / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        sacct = self.base / "bin" / "sacct"
-        sacct.write_text(SACCT)
-        sacct.chmod(0o755)
-        b = self.base
-        ctl_port = _free_port()
+        (b / "etc" / "hosts").write_text("\n".join(lines) + "\n")
+        (b / "etc" / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        key = b / "munge" / "munge.key"
+        if not key.exists():
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(1024))
+        for dev in self.gpu_files:
+            if not dev.is_char_device():
+                dev.unlink(missing_ok=True)
+                # A null device under a GPU's name: slurmd wants a character device.
+                os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        auth_info = f"socket={self.munge_socket}"
+        self._write_private(
+            b / "db" / "init.sql",
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{db_password}';\n"
+            f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{db_password}';\n"
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';\n",
+        )
+        self._write_private(
+            b / "etc" / "slurmdbd.conf",
+            "\n".join(
+                [
+                    "AuthType=auth/munge",
+                    f"AuthInfo={auth_info}",
+                    "DbdHost=localhost",
+                    "DbdAddr=127.0.0.1",
+                    f"DbdPort={ports['slurmdbd']}",
+                    "CommunicationParameters=NoInAddrAny",
+                    "SlurmUser=root",
+                    f"PidFile={b}/run/slurmdbd.pid",
+                    f"LogFile={b}/log/slurmdbd.log",
+                    "StorageType=accounting_storage/mysql",
+                    "StorageHost=127.0.0.1",
+                    f"StoragePort={ports['mariadbd']}",
+                    "StorageUser=slurm",
+                    f"StoragePass={db_password}",
+                    "StorageLoc=slurm_acct_db",
+                ]
+            )
+            + "\n",
+        )
+        gres = ["AutoDetect=off"]
+        if self.gpus == 1:
+            gres.append(f"Name=gpu File={b}/dev/gpu0")
+        elif self.gpus > 1:
+            gres.append(f"Name=gpu File={b}/dev/gpu[0-{self.gpus - 1}]")
+        (b / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
         conf = [
-            "ClusterName=sandbox",
+            f"ClusterName={CLUSTER}",
             f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
-            f"SlurmctldPort={ctl_port}",
-            "AuthType=auth/none",
-            "CredType=cred/none",
+            f"SlurmctldPort={ports['slurmctld']}",
+            # Bind to the node's / controller's address, not to every address of the machine.
+            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo={auth_info}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
+            "TaskPlugin=task/affinity",
+            "GresTypes=gpu",
+            "JobAcctGatherType=jobacct_gather/linux",
+            "AccountingStorageType=accounting_storage/slurmdbd",
+            "AccountingStorageHost=127.0.0.1",
+            # The munge socket for talking to slurmdbd (AuthInfo is not used for that).
+            f"AccountingStoragePass={self.munge_socket}",
+            f"AccountingStoragePort={ports['slurmdbd']}",
             "JobCompType=jobcomp/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
@@ -128,10 +241,11 @@ class SlurmSandbox:
             f"SlurmctldLogFile={b}/log/slurmctld.log",
             f"SlurmdLogFile={b}/log/slurmd-%n.log",
         ]
+        gres_node = f" Gres=gpu:{self.gpus}" if self.gpus > 0 else ""
         for i, name in enumerate(self.node_names, start=1):
             conf.append(
                 f"NodeName={name} NodeHostname={name} NodeAddr=127.0.2.{i} "
-                f"Port={_free_port()} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
+                f"Port={ports[name]} CPUs={self.cpus} RealMemory=1000{gres_node} State=UNKNOWN"
             )
         conf.append(
             f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES "
@@ -139,72 +253,190 @@ class SlurmSandbox:
         )
         self.conf.write_text("\n".join(conf) + "\n")
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the daemons and wait until every node is idle."""
-        for tool in ("slurmctld", "slurmd", "sinfo", "unshare"):
-            if shutil.which(tool) is None:
-                raise RuntimeError(
-                    f"{tool} not found: apt-get install -y slurmctld slurmd slurm-client "
-                    "(and util-linux for unshare)"
-                )
-        if os.geteuid() != 0:
-            raise RuntimeError("the SLURM sandbox needs root (namespaces, slurmd as root)")
-        self._write_files()
-        env = {**os.environ, **self.env()}
-        log = open(self.base / "log" / "daemons.out", "ab")  # noqa: SIM115
-        ctld = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(self.conf)],
-            env=env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        self.pids["slurmctld"] = ctld.pid
-        for name in self.node_names:
+    @staticmethod
+    def _write_private(path: Path, text: str) -> None:
+        """Write a 0600 file (it holds a password; slurmdbd refuses a readable config)."""
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    # -- daemons ---------------------------------------------------------------------------
+
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], log: IO[bytes], host: str = ""
+    ) -> subprocess.Popen[bytes]:
+        """Start one daemon in its own session; with ``host``, in private mount + UTS
+        namespaces with that hostname and the sandbox's hosts / resolv.conf. ``exec`` keeps
+        one PID per daemon, recorded (also in run/sandbox.json) so stop() can end it."""
+        if host:
             b = self.base
             script = (
                 f"mount --bind {b}/etc/hosts /etc/hosts && "
                 f"mount --bind {b}/etc/resolv.conf /etc/resolv.conf && "
-                f"hostname {name} && exec slurmd -D -N {name} -f {self.conf}"
+                f"hostname {host} && exec {shlex.join(argv)}"
             )
-            proc = subprocess.Popen(
-                ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script],
+            argv = ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script]
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        self.pids[name] = proc.pid
+        self._procs[name] = proc
+        (self.base / "run" / "sandbox.json").write_text(json.dumps(self.pids))
+        return proc
+
+    def _wait(self, what: str, ready: Callable[[], bool], deadline: float) -> None:
+        """Until ``ready()``; fail as soon as a daemon we started has exited."""
+        while True:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"SLURM sandbox: {name} exited ({proc.returncode}) while waiting for "
+                        f"{what}; see {self.base / 'log'}"
+                    )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"SLURM sandbox: {what} not ready in time; see {self.base / 'log'}"
+                )
+            time.sleep(0.05)
+
+    def _nodes_idle(self, env: dict[str, str]) -> bool:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True
+        ).stdout.split()
+        states = dict(zip(out[::2], out[1::2], strict=False))
+        return all(states.get(n) == "idle" for n in self.node_names)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start munged, MariaDB, slurmdbd, slurmctld and the slurmds; wait until every
+        node is idle."""
+        missing = self.missing_tools()
+        if missing:
+            raise RuntimeError(
+                f"not found: {', '.join(missing)}: apt-get install -y {PACKAGES} "
+                "(and util-linux for unshare)"
+            )
+        if os.geteuid() != 0:
+            raise RuntimeError("the SLURM sandbox needs root (namespaces, slurmd as root)")
+        if not 0 < self.cpus <= _machine_cpus():
+            raise ValueError(
+                f"cpus={self.cpus}: a node may declare 1..{_machine_cpus()} CPUs "
+                "(more than the machine has puts it in INVAL)"
+            )
+        self.base = self.base.resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        ports = {n: _free_port() for n in ["slurmctld", "slurmdbd", "mariadbd", *self.node_names]}
+        self._write_files(ports, db_password=secrets.token_hex(16))
+        env = {**os.environ, **self.env()}
+        deadline = time.monotonic() + timeout
+        b = self.base
+        with open(b / "log" / "daemons.out", "ab") as log:
+            try:
+                self._start_daemons(ports, env, log, deadline)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_daemons(
+        self, ports: dict[str, int], env: dict[str, str], log: IO[bytes], deadline: float
+    ) -> None:
+        b = self.base
+        datadir = b / "db" / "data"
+        install = None
+        if not (datadir / "mysql").is_dir():
+            shutil.rmtree(datadir, ignore_errors=True)
+            # --cross-bootstrap: no lookup of this machine's hostname, no grants for it;
+            # root may log in over the unix socket only (as the OS root).
+            install = subprocess.Popen(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    f"--datadir={datadir}",
+                    "--user=root",
+                    "--cross-bootstrap",
+                    "--skip-test-db",
+                    *_MARIADB_OPTS,
+                ],
                 env=env,
                 stdout=log,
                 stderr=log,
-                start_new_session=True,
             )
-            self.pids[name] = proc.pid
-        (self.base / "run" / "sandbox.json").write_text(json.dumps(self.pids))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True
-            ).stdout.split()
-            states = dict(zip(out[::2], out[1::2], strict=False))
-            if all(states.get(n) == "idle" for n in self.node_names):
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(
-            f"SLURM sandbox nodes not idle after {timeout}s; see {self.base / 'log'}"
+        munge = b / "munge"
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                # --force: the socket's folder is root-only (e.g. pytest's 0700 tmp dirs);
+                # only root clients (the daemons, root's sbatch) use it.
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={munge / 'munge.key'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={b / 'log' / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+                "--origin=127.0.0.1",
+            ],
+            env,
+            log,
         )
+        if install is not None and install.wait() != 0:
+            raise RuntimeError(f"mariadb-install-db failed; see {b / 'log' / 'daemons.out'}")
+        self._spawn(
+            "mariadbd",
+            [
+                "mariadbd",
+                "--no-defaults",
+                f"--datadir={datadir}",
+                f"--socket={self.mysql_socket}",
+                f"--port={ports['mariadbd']}",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                f"--pid-file={b / 'db' / 'mysqld.pid'}",
+                f"--log-error={b / 'log' / 'mariadb.log'}",
+                f"--tmpdir={b / 'db' / 'tmp'}",
+                f"--init-file={b / 'db' / 'init.sql'}",
+                "--user=root",
+                *_MARIADB_OPTS,
+            ],
+            env,
+            log,
+        )
+        self._wait("munged", self.munge_socket.exists, deadline)
+        self._wait("mariadbd", lambda: _listening(ports["mariadbd"]), deadline)
+        self._spawn("slurmdbd", ["slurmdbd", "-D"], env, log)
+        self._wait("slurmdbd", lambda: _listening(ports["slurmdbd"]), deadline)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], env, log)
+        for n in self.node_names:
+            self._spawn(n, ["slurmd", "-D", "-N", n, "-f", str(self.conf)], env, log, host=n)
+        self._wait("nodes idle", lambda: self._nodes_idle(env), deadline)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel jobs, stop the daemons we started (by PID) and what they started."""
         env = {**os.environ, **self.env()}
-        with contextlib.suppress(Exception):
-            subprocess.run(["scancel", "--full", "--quiet", "-p", "debug"], env=env, timeout=10)
-        if not self.pids:
-            state = self.base / "run" / "sandbox.json"
-            if state.exists():
-                self.pids = {k: int(v) for k, v in json.loads(state.read_text()).items()}
-        tree = [p for pid in self.pids.values() for p in descendants(pid)]
-        for pid in list(self.pids.values()) + tree:
+        state = self.base / "run" / "sandbox.json"
+        if not self.pids and state.exists():
+            self.pids = {k: int(v) for k, v in json.loads(state.read_text()).items()}
+        if "slurmctld" in self.pids:
+            with contextlib.suppress(Exception):
+                subprocess.run(["scancel", "--full", "--quiet", "-p", "debug"], env=env, timeout=10)
+        deadline = time.monotonic() + timeout
+        services = [name for stage in SERVICES for name in stage]
+        stages = [[k for k in self.pids if k not in services], *SERVICES]
+        for stage in stages:
+            self._terminate([self.pids[k] for k in stage if k in self.pids], deadline)
+        for proc in self._procs.values():
+            proc.poll()  # reaped above: lets Popen know
+        self.pids, self._procs = {}, {}
+        state.unlink(missing_ok=True)
+
+    @staticmethod
+    def _terminate(pids: list[int], deadline: float) -> None:
+        tree = [p for pid in pids for p in descendants(pid)]
+        for pid in pids + tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for pid in list(self.pids.values()) + tree:
+        for pid in pids + tree:
             while time.monotonic() < deadline:
                 try:
                     os.kill(pid, 0)
@@ -217,7 +449,8 @@ class SlurmSandbox:
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        self.pids = {}
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[SlurmSandbox]:
@@ -229,18 +462,36 @@ class SlurmSandbox:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hydra_torchrun_callback.slurm_sandbox")
+    parser = argparse.ArgumentParser(
+        prog="python -m hydra_torchrun_callback.slurm_sandbox",
+        description="A private SLURM cluster on this machine (root; loopback only).",
+    )
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", required=True, help="folder for every file of the cluster")
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs declared per node")
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="CPUs declared per node (default: the machine's; more is refused)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=2, help="fake GPUs per node (null devices; default 2)"
+    )
     args = parser.parse_args(argv)
-    sandbox = SlurmSandbox(Path(args.dir).resolve(), nodes=args.nodes, cpus=args.cpus)
+    sandbox = SlurmSandbox(
+        Path(args.dir).resolve(),
+        nodes=args.nodes,
+        cpus=args.cpus or _machine_cpus(),
+        gpus=args.gpus,
+    )
     if args.action == "start":
+        start = time.monotonic()
         sandbox.start()
-        print(f"export SLURM_CONF={sandbox.conf} PATH={sandbox.base / 'bin'}:$PATH")
+        print(f"export SLURM_CONF={sandbox.conf}")
         print(
-            f"# nodes: {' '.join(sandbox.node_names)}; stop with: "
+            f"# nodes: {' '.join(sandbox.node_names)} ({sandbox.cpus} CPUs, {sandbox.gpus} "
+            f"GPUs each), up in {time.monotonic() - start:.1f} s; stop with: "
             f"python -m hydra_torchrun_callback.slurm_sandbox stop --dir {sandbox.base}"
         )
     else:
