@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback import _pickling
+from hydra_torchrun_callback._result import to_cpu
 from hydra_torchrun_callback._stacks import arm_worker
 from hydra_torchrun_callback._summary import RECORDS_ENV, WorkerRecord
 
@@ -394,7 +395,9 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
 
 def _pickle_return_value(value: Any) -> bytes:
     try:
-        return _pickling.dumps(value)
+        # CUDA tensors to CPU here: the Hydra process never initialises CUDA, and a node
+        # without GPUs can read the value.
+        return _pickling.dumps(to_cpu(value))
     except Exception as exc:
         raise ReturnValueError(
             f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "

@@ -1,0 +1,206 @@
+"""The app and the verdicts of scripts/gpu_check.sh (read that first).
+
+As a Hydra app (``python scripts/gpu_check_app.py hydra/callbacks=torchrun ...``) every
+worker takes GPU ``cuda:LOCAL_RANK`` (LOCAL_RANK counts the host's workers, also when
+emulated nodes share the host), checks an NCCL all_reduce and reports its device; rank 0
+returns the reports and CUDA tensors. ``cpu=true``: gloo and CPU tensors, the same code
+otherwise. :class:`Report`, a Hydra callback, writes what the
+Hydra process got back (one JSON line per job); ``--report`` checks those lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+@dataclass
+class GpuCheckConf:
+    x: int = 0  # the swept key: rank 0's tensor is arange(4) + x
+    cpu: bool = False  # gloo and CPU tensors: tests the harness on a machine without GPUs
+
+
+ConfigStore.instance().store(name="gpu_check", node=GpuCheckConf)
+
+
+def device_report(cpu: bool) -> dict[str, Any]:
+    """What a worker says about itself; ``key``, its GPU, must differ between the workers
+    of one host (``cpu``: the GPU it would take)."""
+    import torch
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    info: dict[str, Any] = {
+        "rank": int(os.environ["RANK"]),
+        "node_rank": int(os.environ["GROUP_RANK"]),
+        "local_rank": local_rank,
+        "host": socket.gethostname(),
+        "key": f"cuda:{local_rank}",
+    }
+    if not cpu:
+        current = torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(current), "uuid", None)
+        info.update(current_device=current, uuid=None if uuid is None else str(uuid))
+        info["key"] = f"GPU {uuid}" if uuid is not None else f"cuda:{current}"
+    return info
+
+
+@hydra.main(version_base=None, config_path=None, config_name="gpu_check")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cpu")
+    if not cfg.cpu:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    started = time.perf_counter()
+    dist.init_process_group("gloo" if cfg.cpu else "nccl")
+    initialised = time.perf_counter()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = torch.tensor([rank + 1.0], device=device)
+    dist.all_reduce(total)
+    got = total.item()  # waits for the collective
+    reduced = time.perf_counter()
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, device_report(cfg.cpu))
+    dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    tensor = torch.arange(4.0, device=device) + cfg.x
+    return {
+        "x": cfg.x,
+        "world_size": world,
+        "backend": "gloo" if cfg.cpu else "nccl",
+        "all_reduce": got,
+        "expected": world * (world + 1) / 2,
+        "init_s": initialised - started,
+        "all_reduce_s": reduced - initialised,
+        "workers": reports,
+        "source_device": str(device),
+        "tensor": tensor,
+        "nested": {"parts": [(tensor * 2,)]},
+    }
+
+
+def _describe(tensor: Any) -> dict[str, Any]:
+    kind = type(tensor)
+    described = {"type": f"{kind.__module__}.{kind.__qualname__}"}
+    if hasattr(tensor, "device"):
+        described.update(device=str(tensor.device), values=tensor.tolist())
+    return described
+
+
+class Report(Callback):
+    """In the Hydra process: write what the job returned, one JSON line, to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        torch = sys.modules.get("torch")
+        # First, before anything here could touch CUDA: did getting the value do it?
+        cuda_initialised = bool(torch is not None and torch.cuda.is_initialized())
+        value = job_return._return_value
+        entry: dict[str, Any] = {
+            "status": job_return.status.name,
+            "error": str(value) if isinstance(value, BaseException) else None,
+            "task": int(os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0")),
+            "cuda_initialised_in_hydra_process": cuda_initialised,
+        }
+        if isinstance(value, dict) and "tensor" in value:
+            entry["value"] = {k: v for k, v in value.items() if k not in ("tensor", "nested")}
+            entry["tensor"] = _describe(value["tensor"])
+            entry["nested"] = _describe(value["nested"]["parts"][0][0])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def verdict(
+    records_path: str, what: str, jobs: int, world: int, cpu: bool
+) -> tuple[str, list[str]]:
+    """One check over one run's records: (what was seen, problems; none = PASS).
+
+    ``what``: "collective" (the all_reduce), "devices" (one device per worker and host),
+    "return" (rank 0's tensors reached the Hydra process on the CPU, CUDA untouched)."""
+    try:
+        with open(records_path) as f:
+            records = [json.loads(line) for line in f]
+    except OSError:
+        return "", ["no job reached its end (no records)"]
+    problems = [f"job failed: {r['error']}" for r in records if r["status"] != "COMPLETED"]
+    results = [r for r in records if "value" in r]
+    if len(results) != jobs:
+        problems.append(f"{len(results)} job result(s), expected {jobs}")
+    seen_text = ""
+    for r in results:
+        v, job = r["value"], f"x={r['value']['x']}"
+        if what == "collective":
+            seen_text = (
+                f"world {v['world_size']}, {v['backend']}: init_process_group "
+                f"{v['init_s']:.2f} s, all_reduce {1000 * v['all_reduce_s']:.1f} ms"
+            )
+            if (v["world_size"], v["all_reduce"]) != (world, v["expected"]):
+                problems.append(
+                    f"{job}: world {v['world_size']} (expected {world}), "
+                    f"all_reduce gave {v['all_reduce']} (expected {v['expected']})"
+                )
+        elif what == "devices":
+            if sorted(w["rank"] for w in v["workers"]) != list(range(world)):
+                problems.append(f"{job}: reports from ranks {[w['rank'] for w in v['workers']]}")
+            owner: dict[tuple[str, str], int] = {}
+            for w in v["workers"]:
+                first = owner.setdefault((w["host"], w["key"]), w["rank"])
+                if first != w["rank"]:
+                    problems.append(f"{job}: ranks {first} and {w['rank']} share {w['key']}")
+            seen_text = f"{len(v['workers'])} workers on {len(owner)} distinct devices"
+        elif what == "return":
+            want = [float(i + v["x"]) for i in range(4)]
+            for name, values in (("tensor", want), ("nested", [2 * e for e in want])):
+                got = r[name]
+                if (got["type"], got.get("device"), got.get("values")) != (
+                    "torch.Tensor",
+                    "cpu",
+                    values,
+                ):
+                    problems.append(
+                        f"{job}: {name} made on {v['source_device']} came back as {got}, "
+                        f"expected a torch.Tensor on cpu holding {values}"
+                    )
+            if not cpu and not v["source_device"].startswith("cuda"):
+                problems.append(f"{job}: rank 0's tensor was on {v['source_device']}, not CUDA")
+            if r["cuda_initialised_in_hydra_process"]:
+                problems.append(f"{job}: reading the value initialised CUDA in the Hydra process")
+            seen_text = f"made on {v['source_device']}, came back on {r['tensor'].get('device')}"
+    return seen_text, problems
+
+
+def print_report(out: str, cpu: bool, specs: list[str]) -> int:
+    """One line per check; ``specs``: LABEL RUN WHAT JOBS WORLD TIME, repeated (RUN "-":
+    skipped, WHAT its reason). 1 if a check failed."""
+    failed = False
+    for i in range(0, len(specs), 6):
+        label, run, what, jobs, world, took = specs[i : i + 6]
+        if run == "-":
+            print(f"{label:<46} SKIP ({what})")
+            continue
+        seen, problems = verdict(f"{out}/{run}.jsonl", what, int(jobs), int(world), cpu)
+        failed = failed or bool(problems)
+        line = f"PASS ({seen})" if not problems else "FAIL: " + "; ".join(problems)
+        print(f"{label:<46} {line}" + (f"  [{took}]" if took else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report"]:  # --report OUT_DIR CPU(0|1) SPECS...
+        sys.exit(print_report(sys.argv[2], sys.argv[3] == "1", sys.argv[4:]))
+    main()
