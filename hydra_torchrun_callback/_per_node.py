@@ -50,6 +50,8 @@ def _node0_only(value: Any = None) -> Any:
 
 
 def _node_suffix() -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:
+        return ""  # a worker: its file is <job>_rank<r>.log, unique in the job already
     node = node_index()
     return f"_node{node}" if node else ""
 
