@@ -29,8 +29,9 @@ NODE0_ONLY = "torchrun_node0_only"
 NODE_SUFFIX = "torchrun_node_suffix"
 #: Slurm 22.05-23.02: srun in a batch script does not read SLURM_CPUS_PER_TASK, so
 #: submitit's srun would start each task with one CPU whatever cpus_per_task says.
+#: (No ``${...}``: OmegaConf would read it as an interpolation.)
 SRUN_CPUS_LINE = (
-    'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi'
+    'if [ -n "$SLURM_CPUS_PER_TASK" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi'
 )
 
 

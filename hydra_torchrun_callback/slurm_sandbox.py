@@ -5,13 +5,17 @@ like a GPU site: munge authentication (a private ``munged``), real accounting
 (``slurmdbd`` over a private MariaDB, so ``sacct`` answers), CPU binding
 (``task/affinity``) and fake GPUs (GRES over null devices, so SLURM itself sets
 ``CUDA_VISIBLE_DEVICES`` / ``SLURM_GPUS_ON_NODE`` for jobs that ask for GPUs). Every
-file lives under one folder, every daemon listens on loopback only (or a unix socket).
+file lives under one folder (plus a cached MariaDB data dir under
+``~/.cache/hydra-torchrun-callback``); all traffic is loopback. slurmctld, slurmdbd and
+MariaDB listen on 127.0.0.1 only and munged on a unix socket; each slurmd listens on its
+port on every address (binding it to its node's address makes srun bind there too, and
+slurmstepd calls srun back at 127.0.0.1), so munge is what keeps others out.
 Each ``slurmd`` runs in its own mount + UTS namespace with its own hostname (``n1``,
 ``n2`` ...) and a private hosts file, so jobs see distinct node names that resolve to
 distinct loopback addresses, as torch's c10d rendezvous needs. Needs root.
 
     python -m hydra_torchrun_callback.slurm_sandbox start --nodes 2 --gpus 2 --dir /tmp/sb
-    export SLURM_CONF=/tmp/sb/etc/slurm.conf
+    export SLURM_CONF=/tmp/sb/etc/slurm.conf     # all a client needs (sbatch, sacct, submitit)
     python -m hydra_torchrun_callback.slurm_sandbox stop --dir /tmp/sb
 """
 
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import random
 import secrets
 import shlex
 import shutil
@@ -29,13 +35,14 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from hydra_torchrun_callback._proc import descendants
+from hydra_torchrun_callback._proc import alive, descendants
 
 __all__ = ["SlurmSandbox", "main"]
 
@@ -63,22 +70,51 @@ _MARIADB_OPTS = (
     "--innodb-buffer-pool-size=32M",
     "--innodb-log-file-size=8M",
     "--innodb-lock-wait-timeout=900",
+    # A throw-away database: no fsync (creating slurmdbd's tables is then quick).
+    "--innodb-flush-log-at-trx-commit=0",
+    "--innodb-doublewrite=0",
+    "--innodb-flush-method=nosync",
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Ports for the daemons, free on every address (slurmd binds them all), above the
+    ephemeral range (an outgoing connection never takes one between pick and use) and
+    clear of the rendezvous ports the callback derives (15000-31999)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        high = int(text.split()[1])
+    except (OSError, ValueError, IndexError):
+        high = 60999
+    candidates = list(range(high + 1, 65536)) if high < 64000 else list(range(10000, 15000))
+    random.shuffle(candidates)
+    chosen: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # only a test (no listen)
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise RuntimeError("SLURM sandbox: no free ports")
 
 
 def _machine_cpus() -> int:
-    return os.cpu_count() or 1
+    """The CPUs this process may use: a node that declares more goes INVAL."""
+    return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
 
 
 def _which(tool: str) -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     return shutil.which(tool, path=path)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / (
+        "hydra-torchrun-callback"
+    )
 
 
 def _listening(port: int) -> bool:
@@ -154,8 +190,14 @@ class SlurmSandbox:
         lines = [
             ln for ln in hosts.splitlines() if not any(n in ln.split() for n in self.node_names)
         ]
-        # 127.0.2.x: clear of Debian's "127.0.1.1 <hostname>" line.
-        lines += [f"127.0.2.{i} {n}" for i, n in enumerate(self.node_names, start=1)]
+        # slurmctld and slurmdbd run as host "localhost": what they bind (NoCtldInAddrAny,
+        # NoInAddrAny: the address of their hostname) is 127.0.0.1 on any machine.
+        # 127.0.2.x for the nodes: clear of Debian's "127.0.1.1 <hostname>" line.
+        lines = [
+            "127.0.0.1 localhost",
+            *lines,
+            *(f"127.0.2.{i} {n}" for i, n in enumerate(self.node_names, start=1)),
+        ]
         (b / "etc" / "hosts").write_text("\n".join(lines) + "\n")
         (b / "etc" / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         key = b / "munge" / "munge.key"
@@ -206,10 +248,12 @@ class SlurmSandbox:
         (b / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
         conf = [
             f"ClusterName={CLUSTER}",
-            f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
+            "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={ports['slurmctld']}",
-            # Bind to the node's / controller's address, not to every address of the machine.
-            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
+            # slurmctld binds 127.0.0.1, not every address of the machine. (NoInAddrAny would
+            # bind each slurmd to its 127.0.2.x, but also srun inside jobs, and slurmstepd
+            # answers srun at 127.0.0.1, the source address the kernel picks on loopback.)
+            "CommunicationParameters=NoCtldInAddrAny",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo={auth_info}",
@@ -218,6 +262,7 @@ class SlurmSandbox:
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/affinity",
             "GresTypes=gpu",
+            "AccountingStorageTRES=gres/gpu",  # sacct's AllocTRES shows gres/gpu=N
             "JobAcctGatherType=jobacct_gather/linux",
             "AccountingStorageType=accounting_storage/slurmdbd",
             "AccountingStorageHost=127.0.0.1",
@@ -269,6 +314,7 @@ class SlurmSandbox:
         """Start one daemon in its own session; with ``host``, in private mount + UTS
         namespaces with that hostname and the sandbox's hosts / resolv.conf. ``exec`` keeps
         one PID per daemon, recorded (also in run/sandbox.json) so stop() can end it."""
+        argv = [_which(argv[0]) or argv[0], *argv[1:]]  # munged & co. are in /usr/sbin
         if host:
             b = self.base
             script = (
@@ -301,10 +347,12 @@ class SlurmSandbox:
             time.sleep(0.05)
 
     def _nodes_idle(self, env: dict[str, str]) -> bool:
-        out = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True
-        ).stdout.split()
-        states = dict(zip(out[::2], out[1::2], strict=False))
+        cmd = ["sinfo", "-h", "-N", "-o", "%N %t"]
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=15)
+        except subprocess.TimeoutExpired:
+            return False
+        states = dict(zip(out.stdout.split()[::2], out.stdout.split()[1::2], strict=False))
         return all(states.get(n) == "idle" for n in self.node_names)
 
     def start(self, timeout: float = 60.0) -> None:
@@ -325,9 +373,12 @@ class SlurmSandbox:
             )
         self.base = self.base.resolve()
         self.base.mkdir(parents=True, exist_ok=True)
-        ports = {n: _free_port() for n in ["slurmctld", "slurmdbd", "mariadbd", *self.node_names]}
+        names = ["slurmctld", "slurmdbd", "mariadbd", *self.node_names]
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
         self._write_files(ports, db_password=secrets.token_hex(16))
-        env = {**os.environ, **self.env()}
+        # Not a job's SLURM_* (when started inside one): the daemons get only ours.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(self.env())
         deadline = time.monotonic() + timeout
         b = self.base
         with open(b / "log" / "daemons.out", "ab") as log:
@@ -337,31 +388,115 @@ class SlurmSandbox:
                 self.stop()
                 raise
 
+    def _template(self) -> Path:
+        """Where a ready MariaDB data dir is cached (keyed by the mariadbd and slurmdbd
+        binaries it was made with)."""
+        stats = [Path(_which(t) or t).resolve().stat() for t in ("mariadbd", "slurmdbd")]
+        made_by = [(st.st_size, st.st_mtime_ns) for st in stats]
+        key = repr((made_by, _MARIADB_OPTS, CLUSTER)).encode()
+        return _cache_dir() / f"mariadb-datadir-{hashlib.sha256(key).hexdigest()[:16]}"
+
+    def _install_datadir(
+        self, datadir: Path, ports: dict[str, int], env: dict[str, str], log: IO[bytes]
+    ) -> None:
+        """A fresh MariaDB data dir, with slurmdbd's tables and the cluster registered.
+
+        Made once (mariadb-install-db, then slurmdbd creates its tables and ``sacctmgr add
+        cluster`` the cluster's: 3-6 s on a busy 2-core machine), cached under
+        ~/.cache/hydra-torchrun-callback and copied (26 MB) on every start after that.
+        """
+        shutil.rmtree(datadir, ignore_errors=True)
+        template = self._template()
+        if not (template / "mysql").is_dir():
+            try:
+                template.parent.mkdir(parents=True, exist_ok=True)
+                work: Path | None = Path(tempfile.mkdtemp(prefix=".mariadb-", dir=template.parent))
+            except OSError:  # no cache (read-only home): install into the sandbox
+                work = None
+            fresh = work / "datadir" if work else datadir
+            # --cross-bootstrap: no lookup of this machine's hostname, no grants for it;
+            # root may log in over the unix socket only (as the OS root).
+            cmd = [_which("mariadb-install-db") or "mariadb-install-db", "--no-defaults"]
+            cmd += [f"--datadir={fresh}", "--user=root"]
+            cmd += ["--cross-bootstrap", "--skip-test-db", *_MARIADB_OPTS]
+            if subprocess.run(cmd, env=env, stdout=log, stderr=log).returncode != 0:
+                raise RuntimeError(f"mariadb-install-db failed; see {log.name}")
+            if work is None:
+                return  # slurmdbd creates its tables, slurmctld registers the cluster
+            try:
+                self._bootstrap(fresh, ports, env, log)
+                with contextlib.suppress(OSError):  # fails if another sandbox was quicker
+                    fresh.rename(template)
+                if not (template / "mysql").is_dir():
+                    shutil.move(fresh, datadir)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if (datadir / "mysql").is_dir():
+                return
+        shutil.copytree(template, datadir)
+
+    def _bootstrap(
+        self, datadir: Path, ports: dict[str, int], env: dict[str, str], log: IO[bytes]
+    ) -> None:
+        """Let slurmdbd create its tables and the cluster's in ``datadir``; stop cleanly."""
+        self._start_db(datadir, ports, env, log, time.monotonic() + 60)
+        subprocess.run(
+            ["sacctmgr", "-i", "add", "cluster", CLUSTER],
+            env=env,
+            stdout=log,
+            stderr=log,
+            timeout=60,
+            check=True,
+        )
+        names = ("slurmdbd", "mariadbd")
+        killed = self._terminate([self.pids.pop(n) for n in names], time.monotonic() + 30)
+        for name in names:
+            self._procs.pop(name).poll()
+        if killed:
+            raise RuntimeError("SLURM sandbox: MariaDB did not shut down after its set-up")
+
+    def _start_db(
+        self,
+        datadir: Path,
+        ports: dict[str, int],
+        env: dict[str, str],
+        log: IO[bytes],
+        deadline: float,
+    ) -> None:
+        """MariaDB on ``datadir`` (127.0.0.1 and a unix socket), then slurmdbd."""
+        b = self.base
+        self.mysql_socket.unlink(missing_ok=True)  # its appearing is the sign it is up
+        self._spawn(
+            "mariadbd",
+            [
+                "mariadbd",
+                "--no-defaults",
+                f"--datadir={datadir}",
+                f"--socket={self.mysql_socket}",
+                f"--port={ports['mariadbd']}",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                f"--pid-file={b / 'db' / 'mysqld.pid'}",
+                f"--log-error={b / 'log' / 'mariadb.log'}",
+                f"--tmpdir={b / 'db' / 'tmp'}",
+                # Creates (or re-keys) the slurm user with this start's password.
+                f"--init-file={b / 'db' / 'init.sql'}",
+                "--user=root",
+                *_MARIADB_OPTS,
+            ],
+            env,
+            log,
+        )
+        self._wait("mariadbd", self.mysql_socket.exists, deadline)
+        self._spawn("slurmdbd", ["slurmdbd", "-D"], env, log, host="localhost")
+        self._wait("slurmdbd", lambda: _listening(ports["slurmdbd"]), deadline)
+
     def _start_daemons(
         self, ports: dict[str, int], env: dict[str, str], log: IO[bytes], deadline: float
     ) -> None:
         b = self.base
-        datadir = b / "db" / "data"
-        install = None
-        if not (datadir / "mysql").is_dir():
-            shutil.rmtree(datadir, ignore_errors=True)
-            # --cross-bootstrap: no lookup of this machine's hostname, no grants for it;
-            # root may log in over the unix socket only (as the OS root).
-            install = subprocess.Popen(
-                [
-                    "mariadb-install-db",
-                    "--no-defaults",
-                    f"--datadir={datadir}",
-                    "--user=root",
-                    "--cross-bootstrap",
-                    "--skip-test-db",
-                    *_MARIADB_OPTS,
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
         munge = b / "munge"
+        self.munge_socket.unlink(missing_ok=True)  # its appearing is the sign it is up
         self._spawn(
             "munged",
             [
@@ -380,77 +515,105 @@ class SlurmSandbox:
             env,
             log,
         )
-        if install is not None and install.wait() != 0:
-            raise RuntimeError(f"mariadb-install-db failed; see {b / 'log' / 'daemons.out'}")
-        self._spawn(
-            "mariadbd",
-            [
-                "mariadbd",
-                "--no-defaults",
-                f"--datadir={datadir}",
-                f"--socket={self.mysql_socket}",
-                f"--port={ports['mariadbd']}",
-                "--bind-address=127.0.0.1",
-                "--skip-name-resolve",
-                f"--pid-file={b / 'db' / 'mysqld.pid'}",
-                f"--log-error={b / 'log' / 'mariadb.log'}",
-                f"--tmpdir={b / 'db' / 'tmp'}",
-                f"--init-file={b / 'db' / 'init.sql'}",
-                "--user=root",
-                *_MARIADB_OPTS,
-            ],
-            env,
-            log,
-        )
         self._wait("munged", self.munge_socket.exists, deadline)
-        self._wait("mariadbd", lambda: _listening(ports["mariadbd"]), deadline)
-        self._spawn("slurmdbd", ["slurmdbd", "-D"], env, log)
-        self._wait("slurmdbd", lambda: _listening(ports["slurmdbd"]), deadline)
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], env, log)
+        datadir = b / "db" / "data"
+        if not (datadir / "mysql").is_dir():
+            self._install_datadir(datadir, ports, env, log)
+        self._start_db(datadir, ports, env, log, deadline)
+        ctld = ["slurmctld", "-D", "-i", "-f", str(self.conf)]
+        self._spawn("slurmctld", ctld, env, log, host="localhost")
         for n in self.node_names:
             self._spawn(n, ["slurmd", "-D", "-N", n, "-f", str(self.conf)], env, log, host=n)
         self._wait("nodes idle", lambda: self._nodes_idle(env), deadline)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel jobs, stop the daemons we started (by PID) and what they started."""
+        """Cancel every job, stop the daemons we started (by PID) and what they started,
+        and any job step left over (slurmstepd runs apart from slurmd): nothing of the
+        sandbox keeps running. ``timeout``: for the jobs to end, then for the daemons."""
         env = {**os.environ, **self.env()}
         state = self.base / "run" / "sandbox.json"
         if not self.pids and state.exists():
-            self.pids = {k: int(v) for k, v in json.loads(state.read_text()).items()}
+            # Another process started them (the CLI): only what still runs with our config.
+            recorded = {k: int(v) for k, v in json.loads(state.read_text()).items()}
+            self.pids = {k: v for k, v in recorded.items() if self._ours(v)}
         if "slurmctld" in self.pids:
+            deadline = time.monotonic() + timeout
             with contextlib.suppress(Exception):
                 subprocess.run(["scancel", "--full", "--quiet", "-p", "debug"], env=env, timeout=10)
+            # Steps end within KillWait (5 s) and report to slurmctld, which must be up then.
+            while self._job_processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
         deadline = time.monotonic() + timeout
         services = [name for stage in SERVICES for name in stage]
-        stages = [[k for k in self.pids if k not in services], *SERVICES]
-        for stage in stages:
+        self._terminate([self.pids[k] for k in self.pids if k not in services], deadline)
+        # Steps that outlived scancel (e.g. one retrying to reach a stopped slurmctld) and
+        # ignore SIGTERM, as slurmstepd does, and what they still run.
+        leftovers = self._job_processes()
+        for pid in leftovers + [child for p in leftovers for child in descendants(p)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for stage in SERVICES:
             self._terminate([self.pids[k] for k in stage if k in self.pids], deadline)
         for proc in self._procs.values():
             proc.poll()  # reaped above: lets Popen know
         self.pids, self._procs = {}, {}
         state.unlink(missing_ok=True)
 
+    def _job_processes(self) -> list[int]:
+        """Live slurmstepds and job processes of this sandbox (they carry its SLURM_CONF),
+        not this process or its ancestors (``stop`` may be called from inside a job)."""
+        needle = f"SLURM_CONF={self.conf}".encode()
+        mine, pid = set(), os.getpid()
+        while pid > 1 and pid not in mine:
+            mine.add(pid)
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        found, daemons = [], set(self.pids.values())
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            pid = int(environ.parent.name)
+            try:
+                entries = environ.read_bytes().split(b"\0")
+                comm = (environ.parent / "comm").read_text().strip()
+            except OSError:
+                continue
+            in_job = comm == "slurmstepd" or any(e.startswith(b"SLURM_JOB_ID=") for e in entries)
+            if pid not in mine and pid not in daemons and needle in entries and in_job:
+                found.append(pid)
+        return alive(found)
+
+    def _ours(self, pid: int) -> bool:
+        """Whether ``pid`` is a daemon of this sandbox (each runs with its SLURM_CONF)."""
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"SLURM_CONF={self.conf}".encode() in environ
+
     @staticmethod
-    def _terminate(pids: list[int], deadline: float) -> None:
+    def _terminate(pids: list[int], deadline: float) -> list[int]:
+        """SIGTERM ``pids`` and their descendants; SIGKILL what is left at ``deadline``.
+        Returns the ones that had to be killed."""
+        killed = []
         tree = [p for pid in pids for p in descendants(pid)]
         for pid in pids + tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for pid in pids + tree:
             while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
                 with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                        break
+                    os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+                if not alive([pid]):  # gone, or a zombie its parent has yet to reap
+                    break
                 time.sleep(0.05)
             else:
+                killed.append(pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+        return killed
 
     @contextlib.contextmanager
     def running(self) -> Iterator[SlurmSandbox]:
@@ -464,11 +627,15 @@ class SlurmSandbox:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hydra_torchrun_callback.slurm_sandbox",
-        description="A private SLURM cluster on this machine (root; loopback only).",
+        description=(
+            "A private SLURM cluster on this machine, set up like a GPU site: munge, "
+            "slurmdbd over MariaDB (sacct), task/affinity, fake GPUs (gres.conf). Needs root; "
+            "loopback only; every file under --dir. Clients need only SLURM_CONF."
+        ),
     )
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", required=True, help="folder for every file of the cluster")
-    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=2, help="slurmd nodes n1..nN (default 2)")
     parser.add_argument(
         "--cpus",
         type=int,

@@ -1,14 +1,14 @@
 """The multi-node scenarios on a real SLURM cluster that these tests start and stop.
 
-One slurmctld + two slurmd (Debian's slurm-wlm) under a temp dir, loopback only
-(see hydra_torchrun_callback.slurm_sandbox). `.ci/run` installs the packages and
-sets HTR_REQUIRE_SLURM=1, so in CI a missing cluster is a failure, not a skip.
+One slurmctld + two slurmd (Debian's slurm-wlm) under a temp dir, loopback only, set up
+like a GPU site: munge, slurmdbd over MariaDB (real sacct), task/affinity CPU binding and
+2 fake GPUs per node (see hydra_torchrun_callback.slurm_sandbox). `.ci/run` installs the
+packages and sets HTR_REQUIRE_SLURM=1, so in CI a missing cluster is a failure, not a skip.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hydra_torchrun_callback.slurm_sandbox import SlurmSandbox
+from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
 
 import multinode_scenarios as sc
 from conftest import app_env, run_app
@@ -36,11 +36,12 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSandbox]:
-    usable = os.geteuid() == 0 and all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch"))
-    if not usable:
+    missing = SlurmSandbox.missing_tools()
+    if os.geteuid() != 0 or missing:
+        why = f"not root; missing: {', '.join(missing) or 'nothing'}"
         if os.environ.get("HTR_REQUIRE_SLURM") == "1":
-            pytest.fail("HTR_REQUIRE_SLURM=1 but slurm-wlm is not installed or not root")
-        pytest.skip("needs root and Debian's slurmctld/slurmd/slurm-client")
+            pytest.fail(f"HTR_REQUIRE_SLURM=1 but the SLURM sandbox cannot run ({why})")
+        pytest.skip(f"needs root and Debian's {PACKAGES} ({why})")
     sandbox = SlurmSandbox(tmp_path_factory.mktemp("slurm"), nodes=2)
     start = time.monotonic()
     sandbox.start()
@@ -89,6 +90,53 @@ def test_cluster_is_real(cluster: SlurmSandbox) -> None:
         timeout=60,
     )
     assert sorted(out.stdout.split()) == ["n1", "n2"], out.stderr
+
+
+def test_site_features_are_real(cluster: SlurmSandbox, tmp_path: Path) -> None:
+    """munge auth, GPUs from gres.conf, CPU binding by task/affinity, jobs in sacct."""
+    env = _env(cluster)
+    task = r"\$(hostname) \$SLURM_LOCALID \$CUDA_VISIBLE_DEVICES \$SLURM_GPUS_ON_NODE"
+    cpus = r"\$(grep Cpus_allowed_list /proc/self/status | cut -f2)"
+    script = f'srun sh -c "echo {task} {cpus}"'  # \$: expanded by each task, not the batch
+    job = subprocess.run(
+        [
+            *("sbatch", "--parsable", "-N2", "--ntasks-per-node=2", "--gpus-per-node=2"),
+            *("--cpus-per-task=1", f"--output={tmp_path}/out", "--wrap", script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert job.returncode == 0, job.stderr
+    job_id, deadline = job.stdout.strip(), time.monotonic() + 120
+    squeue = ["squeue", "-h", "-j", job_id, "-o", "%T"]
+    while subprocess.run(squeue, env=env, capture_output=True, text=True, timeout=30).stdout:
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.2)
+    rows = sorted(tuple(line.split()) for line in (tmp_path / "out").read_text().splitlines())
+    assert [r[:4] for r in rows] == [
+        ("n1", "0", "0,1", "2"),
+        ("n1", "1", "0,1", "2"),
+        ("n2", "0", "0,1", "2"),
+        ("n2", "1", "0,1", "2"),
+    ], rows
+    for node in ("n1", "n2"):  # the two tasks of a node were bound to different CPUs
+        assert len({r[4] for r in rows if r[0] == node}) == 2, rows
+    deadline = time.monotonic() + 30
+    while True:  # slurmctld reports to slurmdbd asynchronously
+        acct = subprocess.run(
+            ["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        done = f"{job_id}|COMPLETED|n[1-2]" in acct.stdout.splitlines()
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done, acct
 
 
 def test_two_point_sweep_on_two_nodes(cluster: SlurmSandbox, tmp_path: Path) -> None:
@@ -207,8 +255,7 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    time.sleep(1)
-    assert processes_with_tag(tag) == []
+    assert sc.left_behind(tag) == []
     assert len(started) == 4
 
 

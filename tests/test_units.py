@@ -392,3 +392,28 @@ def test_local_addr_may_name_an_interface() -> None:
     assert interface_address("lo") == "127.0.0.1"
     assert interface_address("no-such-if0") is None
     assert interface_address("10.0.0.5") is None  # an address stays as it is
+
+
+def test_slurm_sweeps_get_the_srun_cpus_line() -> None:
+    """Under submitit_slurm the callback adds a setup line so srun steps inherit
+    cpus_per_task; it must survive OmegaConf (no ${...} in it) and not be added twice."""
+    from hydra_torchrun_callback._per_node import SRUN_CPUS_LINE, prepare_multirun
+
+    cfg = OmegaConf.create(
+        {
+            "hydra": {
+                "launcher": {
+                    "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                    "SlurmLauncher",
+                    "setup": ["module load cuda"],
+                },
+                "overrides": {"hydra": ["hydra/launcher=submitit_slurm"]},
+                "output_subdir": ".hydra",
+            }
+        }
+    )
+    prepare_multirun(cfg)
+    prepare_multirun(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["hydra"]["launcher"]["setup"] == ["module load cuda", SRUN_CPUS_LINE]
+    assert resolved["hydra"]["overrides"]["hydra"][-1] == "hydra.output_subdir=.hydra"
