@@ -23,7 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
 from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
-from hydra_torchrun_callback._per_node import adopt_output_dir, move_node_log, prepare_multirun
+from hydra_torchrun_callback._per_node import (
+    adopt_output_dir,
+    move_node_log,
+    prepare_multirun,
+    prepare_run,
+)
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
@@ -171,6 +176,7 @@ class TorchrunCallback(Callback):
         self._diversion: Optional[Diversion] = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_run(config)  # node k of a plain srun step: no .hydra/, its own log file
         self._start_forkserver_early()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -260,6 +266,7 @@ class TorchrunCallback(Callback):
             interface_address,
             plan_workers,
             resolve_placement,
+            task_cpus,
             usable_cpus,
         )
         from hydra_torchrun_callback._worker import (
@@ -277,11 +284,12 @@ class TorchrunCallback(Callback):
             start_forkserver(getattr(task_function, "__module__", None))
         # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
         # split among the job's tasks on it; CPUs from this task's affinity mask.
-        share = host_share(os.environ, detect_cluster(os.environ, opts.cluster))
+        task = detect_cluster(os.environ, opts.cluster)
+        share = host_share(os.environ, task)
         plan = plan_workers(
             opts.nproc_per_node,
             share,
-            usable_cpus(),
+            task_cpus(os.environ, usable_cpus(), task),
             torch.cuda.device_count() if share.host_gpus is None else 0,
         )
         job_num = OmegaConf.select(config, "hydra.job.num", default=0)
@@ -326,11 +334,10 @@ class TorchrunCallback(Callback):
                     "objects out of the task's closure and config; create them inside the task."
                 ) from exc
 
-        def payload_in(job_dir: str) -> bytes:
+        def payload_in(job_dir: str) -> Optional[bytes]:
             """Node 0 decided the job's output dir (``${now:}`` resolved at another time
-            here): take it, then pickle the job as it now is."""
-            adopt_output_dir(config, output_dir, job_dir)
-            return make_payload()
+            here): take it, then pickle the job as it now is (None: kept our own)."""
+            return make_payload() if adopt_output_dir(config, output_dir, job_dir) else None
 
         payload = make_payload()
         log.info("%s", placement.describe())
@@ -382,7 +389,7 @@ class TorchrunCallback(Callback):
         payload: bytes,
         report: JobReport,
         output_dir: str,
-        payload_in: Callable[[str], bytes],
+        payload_in: Callable[[str], Optional[bytes]],
     ) -> Optional[bytes]:
         """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
         from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
@@ -409,7 +416,9 @@ class TorchrunCallback(Callback):
         node0 = placement.node_rank == 0
         job_dir = coord.job_dir()
         if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
-            payload, output_dir = payload_in(job_dir), job_dir
+            adopted = payload_in(job_dir)
+            if adopted is not None:
+                payload, output_dir = adopted, job_dir
         records = report.records
 
         def states() -> dict[int, str]:

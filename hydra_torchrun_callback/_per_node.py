@@ -20,7 +20,13 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-__all__ = ["adopt_output_dir", "move_node_log", "node_index", "prepare_multirun"]
+__all__ = [
+    "adopt_output_dir",
+    "move_node_log",
+    "node_index",
+    "prepare_multirun",
+    "prepare_run",
+]
 
 #: Hydra's default job log file; only this one is renamed per node (a user's own
 #: logging config is theirs).
@@ -29,9 +35,10 @@ NODE0_ONLY = "torchrun_node0_only"
 NODE_SUFFIX = "torchrun_node_suffix"
 #: Slurm 22.05-23.02: srun in a batch script does not read SLURM_CPUS_PER_TASK, so
 #: submitit's srun would start each task with one CPU whatever cpus_per_task says.
-#: (No ``${...}``: OmegaConf would read it as an interpolation.)
+#: (No ``${...}``, which OmegaConf would read as an interpolation; safe under ``set -eu``.)
 SRUN_CPUS_LINE = (
-    'if [ -n "$SLURM_CPUS_PER_TASK" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi'
+    '[ -z "$(printenv SLURM_CPUS_PER_TASK)" ] || '
+    "export SRUN_CPUS_PER_TASK=$(printenv SLURM_CPUS_PER_TASK)"
 )
 
 
@@ -61,32 +68,63 @@ OmegaConf.register_new_resolver(NODE0_ONLY, _node0_only, replace=True)
 OmegaConf.register_new_resolver(NODE_SUFFIX, _node_suffix, replace=True)
 
 
-def prepare_multirun(config: DictConfig) -> None:
-    """In the submitting process: make every node's job write only its own files, and
-    srun steps inherit ``cpus_per_task``. Overrides a submitit launcher replays on
-    each node; other launchers run one node per job and are left alone."""
-    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
-    if "submitit" not in launcher:
-        return
+def _default_log_file(handler: Any) -> bool:
+    """Hydra's default file handler, its filename not yet resolved (not the user's own)."""
+    if not isinstance(handler, DictConfig):
+        return False
+    filename = handler._get_node("filename")
+    return filename is not None and filename._value() == DEFAULT_LOG_FILE
+
+
+def _node_overrides(config: DictConfig) -> list[str]:
+    """Overrides that make node k's job write only ``<job>_node<k>.log`` (resolved on
+    each node: node 0 keeps ``.hydra/`` and ``<job>.log``)."""
     overrides: list[str] = []
-    hydra = config.hydra
     subdir = OmegaConf.select(config, "hydra.output_subdir", throw_on_missing=False)
     if isinstance(subdir, str) and subdir and "${" not in subdir:
         overrides.append(f"hydra.output_subdir=${{{NODE0_ONLY}:{subdir}}}")
-    node = OmegaConf.select(hydra, "job_logging.handlers.file", throw_on_missing=False)
-    if node is not None and node._get_node("filename")._value() == DEFAULT_LOG_FILE:
+    node = OmegaConf.select(config, "hydra.job_logging.handlers.file", throw_on_missing=False)
+    if _default_log_file(node):
         overrides.append(
             "hydra.job_logging.handlers.file.filename="
             f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}${{{NODE_SUFFIX}:}}.log"
         )
+    return overrides
+
+
+def prepare_multirun(config: DictConfig) -> None:
+    """In the process that launches the sweep: every launcher builds each job's config
+    from the sweep's ``hydra.overrides.hydra`` (submitit does it on each node), so two
+    overrides there make every node's job write only its own files. Under submitit_slurm,
+    srun steps also inherit ``cpus_per_task``."""
+    hydra = config.hydra
     with read_write(hydra.overrides), open_dict(hydra.overrides):
         known = set(OmegaConf.to_container(hydra.overrides.hydra, resolve=False) or [])
-        hydra.overrides.hydra.extend([o for o in overrides if o not in known])
+        hydra.overrides.hydra.extend([o for o in _node_overrides(config) if o not in known])
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
     if launcher.endswith("SlurmLauncher"):
         with read_write(hydra.launcher), open_dict(hydra.launcher):
-            setup = list(hydra.launcher.get("setup") or [])
-            if SRUN_CPUS_LINE not in setup:
-                hydra.launcher.setup = [*setup, SRUN_CPUS_LINE]
+            if hydra.launcher.get("setup") is None:
+                hydra.launcher.setup = []
+            # Appended to the config's own list: the user's lines stay unresolved.
+            setup = OmegaConf.to_container(hydra.launcher.setup, resolve=False)
+            if SRUN_CPUS_LINE not in (setup or []):
+                hydra.launcher.setup.append(SRUN_CPUS_LINE)
+
+
+def prepare_run(config: DictConfig) -> None:
+    """Single run (plain ``srun``): ``on_run_start`` gets the config Hydra is about to run
+    the job with; on node k, no ``.hydra/`` and the log goes to ``<job>_node<k>.log``."""
+    node = node_index()
+    if node == 0:
+        return
+    hydra = config.hydra
+    with read_write(hydra), open_dict(hydra):
+        if OmegaConf.select(config, "hydra.output_subdir", throw_on_missing=False) is not None:
+            hydra.output_subdir = None
+        file = OmegaConf.select(config, "hydra.job_logging.handlers.file", throw_on_missing=False)
+        if _default_log_file(file):
+            file.filename = f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}_node{node}.log"
 
 
 def move_node_log(output_dir: str, job_name: str) -> Optional[str]:
@@ -111,15 +149,20 @@ def move_node_log(output_dir: str, job_name: str) -> Optional[str]:
     return moved
 
 
-def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> None:
-    """Node k works in node 0's output dir: with plain ``srun`` each task resolved
-    ``hydra.run.dir`` itself, and ``${now:}`` there differs between nodes started a
-    second apart. Moves this node's log there and removes the dir Hydra made here if it
-    holds nothing but Hydra's own files."""
+def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> bool:
+    """Node k works in node 0's output dir when its own differs: with plain ``srun`` each
+    task resolves ``hydra.run.dir`` itself, and ``${now:}`` there differs between nodes
+    started a second apart. Moves this node's own log there and removes the dir Hydra
+    made here if that leaves it empty; deletes nothing else. False (nothing done) when the
+    dirs are the same, or node 0's is not reachable from here (node-local dirs)."""
     from hydra.core.hydra_config import HydraConfig
 
-    log = logging.getLogger("hydra_torchrun_callback")
-    log.warning(
+    try:
+        if not os.path.isdir(job_dir) or os.path.samefile(own_dir, job_dir):
+            return False
+    except OSError:
+        return False
+    logging.getLogger("hydra_torchrun_callback").warning(
         "node %d works in node 0's output dir %s (its own, %s, differs: ${now:} in "
         "hydra.run.dir was resolved at another time on each node)",
         node_index(),
@@ -134,31 +177,23 @@ def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> None:
     if os.path.realpath(os.getcwd()) == os.path.realpath(own_dir):
         os.chdir(job_dir)  # hydra.job.chdir=True: the job runs in its output dir
     own = os.path.realpath(own_dir)
+    mine = f"_node{node_index()}.log"  # only this node's own log file is moved
     for handler in logging.getLogger().handlers:
-        if (
-            isinstance(handler, logging.FileHandler)
-            and os.path.dirname(handler.baseFilename) == own
-        ):
-            old = handler.baseFilename
-            handler.acquire()
-            try:
-                handler.close()
-                handler.baseFilename = os.path.join(job_dir, os.path.basename(old))
-                handler.stream = handler._open()
-                with open(old) as lines:  # what this node logged so far
-                    handler.stream.write(lines.read())
-                os.unlink(old)
-            finally:
-                handler.release()
-    # Hydra opened <job>.log here before the log moved to <job>_node<k>.log: empty.
-    opened = os.path.join(own, f"{OmegaConf.select(config, 'hydra.job.name')}.log")
+        old = getattr(handler, "baseFilename", "")
+        if not isinstance(handler, logging.FileHandler) or not old.endswith(mine):
+            continue
+        if os.path.dirname(os.path.realpath(old)) != own:
+            continue
+        handler.acquire()
+        try:
+            handler.close()
+            handler.baseFilename = os.path.join(job_dir, os.path.basename(old))
+            handler.stream = handler._open()
+            with open(old) as lines:  # what this node logged so far
+                handler.stream.write(lines.read())
+            os.unlink(old)
+        finally:
+            handler.release()
     with contextlib.suppress(OSError):
-        if os.path.getsize(opened) == 0:
-            os.unlink(opened)
-    hydra_files = os.path.join(own, ".hydra")
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(hydra_files, name))
-    for folder in (hydra_files, own):
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)  # only if empty: anything else there is kept
+        os.rmdir(own)  # only if empty: anything else there is kept
+    return True

@@ -28,6 +28,7 @@ __all__ = [
     "host_share",
     "plan_workers",
     "resolve_placement",
+    "task_cpus",
 ]
 
 DEFAULT_STATIC_PORT = 29500
@@ -112,6 +113,8 @@ def _count(listed: Optional[str]) -> Optional[int]:
     items = [v.strip() for v in listed.split(",") if v.strip()]
     if not items or items[0] in ("-1", "NoDevFiles"):
         return 0
+    if items[0].startswith("MIG-"):
+        return 1  # CUDA enumerates one MIG instance per process
     return len(items)
 
 
@@ -120,7 +123,8 @@ def host_gpus(env: Mapping[str, str]) -> Optional[int]:
     on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
     if on_node.isdigit():
         return int(on_node)
-    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+    # SLURM_JOB_GPUS first: SLURM_STEP_GPUS is rewritten per task when GPUs are bound.
+    for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
         listed = _count(env.get(name))
         if listed:
             return listed
@@ -150,6 +154,9 @@ class HostShare:
     index: int  # this task's index among them (SLURM_LOCALID)
     host_gpus: Optional[int]  # GPUs allocated on this host (None: nobody said)
     visible_gpus: Optional[int]  # GPUs this task sees (CUDA_VISIBLE_DEVICES; None: unset)
+    #: The GPU count is the scheduler's (SLURM): more workers than GPUs is then refused.
+    #: On a workstation it is only what is visible: sharing a GPU is the user's call.
+    allocated: bool = False
 
     @property
     def bound(self) -> bool:
@@ -167,8 +174,9 @@ def host_share(env: Mapping[str, str], task: Optional[ClusterTask]) -> HostShare
     """Where this task sits on its host, from SLURM's / submitit's variables."""
     visible = _count(env.get("CUDA_VISIBLE_DEVICES"))
     gpus = host_gpus(env)
-    if gpus is None:
-        gpus = visible
+    allocated = gpus is not None
+    if gpus is None or visible == 0:
+        gpus = visible  # CUDA_VISIBLE_DEVICES='' hides the host's GPUs: CPU workers
     tasks, index = 1, 0
     if task is not None and task.kind == "slurm":
         node = env.get("SLURM_NODEID", "0")
@@ -185,7 +193,13 @@ def host_share(env: Mapping[str, str], task: Optional[ClusterTask]) -> HostShare
         tasks, index = task.num_tasks, task.task_rank
     if tasks == 1 and visible is not None:
         gpus = visible  # one task: what it sees is what it has
-    return HostShare(tasks=tasks, index=min(index, tasks - 1), host_gpus=gpus, visible_gpus=visible)
+    return HostShare(
+        tasks=tasks,
+        index=min(index, tasks - 1),
+        host_gpus=gpus,
+        visible_gpus=visible,
+        allocated=allocated,
+    )
 
 
 @dataclass(frozen=True)
@@ -248,7 +262,7 @@ def plan_workers(
                 fix=f"a multiple of the {tasks} tasks per node, or change {_LAYOUT_FIX}",
             )
         per_task = workers // tasks
-        if gpus > 0 and (per_task > per_task_gpus or workers > gpus):
+        if share.allocated and gpus > 0 and (per_task > per_task_gpus or workers > gpus):
             raise TorchrunOptionError(
                 "nproc_per_node",
                 spec,
@@ -260,6 +274,7 @@ def plan_workers(
                 f"ask for more GPUs ({_LAYOUT_FIX}); for CPU-only workers on a GPU node set "
                 "CUDA_VISIBLE_DEVICES=''",
             )
+    per_task = max(per_task, 1)
     if share.bound:
         offset, host_workers = 0, per_task
     else:
@@ -270,6 +285,16 @@ def plan_workers(
         local_world_size=host_workers,
         threads=max(cpus // per_task, 1),
     )
+
+
+def task_cpus(env: Mapping[str, str], affinity: int, task: Optional[ClusterTask]) -> int:
+    """This task's CPUs: its affinity mask, capped by what SLURM allocated to it (a task
+    SLURM did not pin sees the whole host); emulated nodes share the machine."""
+    per_task = env.get("SLURM_CPUS_PER_TASK", "")
+    cpus = min(affinity, int(per_task)) if per_task.isdigit() and int(per_task) > 0 else affinity
+    if task is not None and task.kind == "submitit-local":
+        cpus //= max(task.num_tasks, 1)
+    return max(cpus, 1)
 
 
 def usable_cpus() -> int:

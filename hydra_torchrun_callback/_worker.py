@@ -397,7 +397,11 @@ def _pickle_return_value(value: Any) -> bytes:
     try:
         # CUDA tensors to CPU here: the Hydra process never initialises CUDA, and a node
         # without GPUs can read the value.
-        return _pickling.dumps(to_cpu(value))
+        try:
+            on_cpu = to_cpu(value)
+        except Exception:  # a container to_cpu cannot rebuild: send it as it is
+            on_cpu = value
+        return _pickling.dumps(on_cpu)
     except Exception as exc:
         raise ReturnValueError(
             f"rank 0's return value of type {type(value).__qualname__} cannot be pickled, "

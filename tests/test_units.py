@@ -405,7 +405,7 @@ def test_slurm_sweeps_get_the_srun_cpus_line() -> None:
                 "launcher": {
                     "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
                     "SlurmLauncher",
-                    "setup": ["module load cuda"],
+                    "setup": ["module load cuda", "export X=\\${SLURM_JOB_ID}"],
                 },
                 "overrides": {"hydra": ["hydra/launcher=submitit_slurm"]},
                 "output_subdir": ".hydra",
@@ -415,5 +415,42 @@ def test_slurm_sweeps_get_the_srun_cpus_line() -> None:
     prepare_multirun(cfg)
     prepare_multirun(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["hydra"]["launcher"]["setup"] == ["module load cuda", SRUN_CPUS_LINE]
+    assert resolved["hydra"]["launcher"]["setup"] == [
+        "module load cuda",
+        "export X=${SLURM_JOB_ID}",  # the user's escaped line reaches sbatch as written
+        SRUN_CPUS_LINE,
+    ]
     assert resolved["hydra"]["overrides"]["hydra"][-1] == "hydra.output_subdir=.hydra"
+
+
+def test_hidden_gpus_mean_cpu_workers() -> None:
+    """CUDA_VISIBLE_DEVICES='' on a GPU node (what the refusal suggests for CPU-only
+    workers): one CPU worker per task, no division by zero."""
+    from hydra_torchrun_callback._placement import detect_cluster
+
+    for localid in (0, 1):
+        env = _slurm_task(localid, localid, 0, SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="")
+        plan = plan_workers(None, host_share(env, detect_cluster(env)), cpus=4)
+        assert (plan.nproc, plan.local_offset, plan.local_world_size) == (1, localid, 2)
+
+
+def test_a_workstation_may_share_its_gpus() -> None:
+    """No scheduler: 2 gloo workers on a 1-GPU workstation (debugging DDP) still run; only
+    GPUs the scheduler allocated are enforced."""
+    share = host_share({"CUDA_VISIBLE_DEVICES": "0"}, None)
+    assert plan_workers("2", share, cpus=4).nproc == 2
+    assert host_share({"CUDA_VISIBLE_DEVICES": "MIG-1,MIG-2"}, None).host_gpus == 1
+
+
+def test_task_cpus_are_capped_by_the_allocation() -> None:
+    from hydra_torchrun_callback._placement import detect_cluster, task_cpus
+
+    assert task_cpus({"SLURM_CPUS_PER_TASK": "4"}, 64, None) == 4  # SLURM did not pin it
+    assert task_cpus({}, 8, None) == 8
+    local = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": "1",
+        "SUBMITIT_LOCAL_GLOBALID": "0",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+    }
+    assert task_cpus(local, 8, detect_cluster(local)) == 4  # emulated nodes share the machine
