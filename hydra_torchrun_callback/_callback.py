@@ -25,10 +25,10 @@ from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can
 from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
 from hydra_torchrun_callback._per_node import (
     adopt_output_dir,
-    move_node_log,
     prepare_multirun,
     prepare_run,
 )
+from hydra_torchrun_callback._placement import inside_torchrun_worker
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
@@ -123,11 +123,6 @@ def _abort(step: str, exc: BaseException) -> TorchrunAbort:
         "stopping the app before the task could run undistributed in the Hydra process. "
         f"{_REPORT}."
     )
-
-
-def inside_torchrun_worker(env: Mapping[str, str]) -> bool:
-    """True in a process that torchrun (or our agent) started as a worker."""
-    return "TORCHELASTIC_RUN_ID" in env and "LOCAL_RANK" in env and "RANK" in env
 
 
 def job_options(config: DictConfig, fallback: Mapping[str, Any]) -> dict[str, Any]:
@@ -310,8 +305,6 @@ class TorchrunCallback(Callback):
                 "write their logs there. Fix: make it writable or point hydra.run.dir / "
                 "hydra.sweep.dir at a writable place."
             )
-        if placement.cluster is not None:  # plain srun: node k logs to <job>_node<k>.log
-            move_node_log(output_dir, str(OmegaConf.select(config, "hydra.job.name")))
         pin_now_interpolations(config)
 
         def make_payload() -> bytes:

@@ -6,8 +6,8 @@ and nothing else, so no two hosts append to or rewrite one file.
 
 Under a submitit launcher every node composes its config from the sweep's overrides:
 :func:`prepare_multirun` adds two overrides there (in the submitting process) whose
-resolvers, registered when this module is imported, answer per node. A job started
-by plain ``srun`` composes its config itself: :func:`move_node_log` moves the log there.
+resolvers, registered when this module is imported, answer per node. A single run
+started by plain ``srun`` gets the same settings in ``on_run_start`` (:func:`prepare_run`).
 It also makes srun steps inside the job inherit ``cpus_per_task``.
 """
 
@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 __all__ = [
     "adopt_output_dir",
-    "move_node_log",
     "node_index",
     "prepare_multirun",
     "prepare_run",
@@ -58,7 +57,9 @@ def _node0_only(value: Any = None) -> Any:
 
 
 def _node_suffix() -> str:
-    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:
+    from hydra_torchrun_callback._placement import inside_torchrun_worker
+
+    if inside_torchrun_worker(os.environ):
         return ""  # a worker: its file is <job>_rank<r>.log, unique in the job already
     node = node_index()
     return f"_node{node}" if node else ""
@@ -125,28 +126,6 @@ def prepare_run(config: DictConfig) -> None:
         file = OmegaConf.select(config, "hydra.job_logging.handlers.file", throw_on_missing=False)
         if _default_log_file(file):
             file.filename = f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}_node{node}.log"
-
-
-def move_node_log(output_dir: str, job_name: str) -> Optional[str]:
-    """Plain ``srun``: node k's Hydra process opened ``<job>.log`` like node 0; log to
-    ``<job>_node<k>.log`` instead. Returns the new file, None when nothing moved."""
-    node = node_index()
-    if node == 0:
-        return None
-    shared = os.path.abspath(os.path.join(output_dir, f"{job_name}.log"))
-    own = os.path.join(output_dir, f"{job_name}_node{node}.log")
-    moved = None
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and handler.baseFilename == shared:
-            handler.acquire()
-            try:
-                handler.close()
-                handler.baseFilename = os.path.abspath(own)
-                handler.stream = handler._open()
-            finally:
-                handler.release()
-            moved = own
-    return moved
 
 
 def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "check_port_free",
     "free_port",
     "host_share",
+    "inside_torchrun_worker",
     "plan_workers",
     "resolve_placement",
     "task_cpus",
@@ -104,6 +105,11 @@ def _expand_host(item: str) -> list[str]:
 def derived_port(job_id: str) -> int:
     """A port that every task of one job computes alike, different across jobs."""
     return DERIVED_PORT_BASE + zlib.crc32(job_id.encode()) % DERIVED_PORT_SPAN
+
+
+def inside_torchrun_worker(env: Mapping[str, str]) -> bool:
+    """True in a process that torchrun (or our agent) started as a worker."""
+    return "TORCHELASTIC_RUN_ID" in env and "LOCAL_RANK" in env and "RANK" in env
 
 
 def _count(listed: Optional[str]) -> Optional[int]:
