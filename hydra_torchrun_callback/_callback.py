@@ -166,27 +166,27 @@ class TorchrunCallback(Callback):
 
     def __init__(self, **options: Any) -> None:
         # Fail at app start on options that can never work (unknown name, bad value).
-        self._early_forkserver = parse_options(options).start_method == "forkserver"
+        self._warm = parse_options(options).start_method == "forkserver"
         self._options = options
         self._diversion: Optional[Diversion] = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         prepare_run(config)  # node k of a plain srun step: no .hydra/, its own log file
-        self._start_forkserver_early()
+        self._start_warm_early()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Each node's job writes only its own files in the shared output dir.
         prepare_multirun(config)
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if launcher.endswith("BasicLauncher"):  # jobs run in this very process
-            self._start_forkserver_early()
+            self._start_warm_early()
 
-    def _start_forkserver_early(self) -> None:
-        """The server imports torch while Hydra sets the job up (it has its own core)."""
-        if self._early_forkserver and not inside_torchrun_worker(os.environ):
-            from hydra_torchrun_callback._launch import start_forkserver
+    def _start_warm_early(self) -> None:
+        """The warm server imports torch while Hydra sets the job up (its own core)."""
+        if self._warm and not inside_torchrun_worker(os.environ):
+            from hydra_torchrun_callback._warm import start_warm
 
-            start_forkserver(None)
+            start_warm()
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
         """Run the job, then arm the task's call to deliver its outcome.
@@ -273,10 +273,10 @@ class TorchrunCallback(Callback):
         started = time.time()
         opts = parse_options(self._job_options(config))
         if opts.start_method == "forkserver":
-            from hydra_torchrun_callback._launch import start_forkserver
+            from hydra_torchrun_callback._warm import start_warm
 
             # Started first: it imports torch while this process does the rest.
-            start_forkserver(getattr(task_function, "__module__", None))
+            start_warm()
         # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
         # split among the job's tasks on it; CPUs from this task's affinity mask.
         task = detect_cluster(os.environ, opts.cluster)

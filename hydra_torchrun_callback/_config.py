@@ -37,8 +37,9 @@ class TorchrunConf:
     max_restarts: int = 0
     # Seconds between the agent's checks of its workers (torchrun's default 0.1).
     monitor_interval: float = 0.1
-    # How workers start: "spawn" (CUDA-safe), "fork", "forkserver".
-    start_method: str = "spawn"
+    # How workers start: "forkserver" (warm: forks of a server that preloaded torch and
+    # Hydra, CUDA-safe), "spawn" (a fresh interpreter each, torchrun's default), "fork".
+    start_method: str = "forkserver"
     # Worker role name (ROLE_RANK / ROLE_WORLD_SIZE are counted per role).
     role: str = "default"
     # Where torchrun writes per-attempt, per-rank stdout/stderr/error files. Unset: a private
@@ -103,7 +104,7 @@ class TorchrunLauncherConf:
     max_restarts: int = 0
     # 5 (that launcher's default) is read as the callback's 0.1 s.
     monitor_interval: float = 5
-    start_method: str = "spawn"
+    start_method: str = "forkserver"
     role: str = "default"
     # torchrun's script-launch flags: this launcher runs the Hydra task function, so they
     # must stay at their defaults (a clear error says so otherwise).

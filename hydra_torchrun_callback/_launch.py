@@ -16,8 +16,8 @@ import secrets
 import shutil
 import signal
 import socket
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +30,7 @@ from hydra_torchrun_callback._proc import alive, descendants
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
 from hydra_torchrun_callback._store import Signer, load_secret, rendezvous_signer
 from hydra_torchrun_callback._summary import NodeRecords
+from hydra_torchrun_callback._warm import no_main_reimport
 
 __all__ = ["AgentResult", "launch"]
 
@@ -99,32 +100,6 @@ def isolated_process_state(records: Optional[NodeRecords] = None) -> Iterator[No
         for sig, handler in handlers.items():
             with contextlib.suppress(ValueError, TypeError):  # not in the main thread
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def no_main_reimport() -> Iterator[None]:
-    """Keep spawned workers from re-importing the app's ``__main__`` module.
-
-    multiprocessing's spawn/forkserver re-run the parent's main script (as
-    ``__mp_main__``) in every child so that objects pickled by reference to
-    ``__main__`` resolve. The task and its config travel by value (cloudpickle),
-    so the re-import only costs start-up time and breaks scripts that call
-    ``main()`` without an ``if __name__ == "__main__":`` guard.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    saved: dict[str, Any] = {
-        key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__
-    }
-    main.__dict__.pop("__file__", None)
-    if "__spec__" in saved:
-        main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.update(saved)
 
 
 #: How long workers get to act on a preemption signal (save a checkpoint, exit)
@@ -201,35 +176,54 @@ def forward_preemption(
         signal.signal(sig, previous)
 
 
-#: What a preloaded forkserver imports once, so that each worker forked from it skips
-#: the interpreter start and these imports (the bulk of a worker's start-up).
-FORKSERVER_PRELOAD = (
-    "torch",
-    "torch.distributed",
-    "torch.distributed.elastic.multiprocessing.api",
-    "omegaconf",
-    "hydra.core.utils",
-    "cloudpickle",
-    "hydra_torchrun_callback._worker",
-)
+#: How often an emulated node checks that the Hydra process that launched it lives.
+LAUNCHER_POLL_S = 0.5
 
 
-def start_forkserver(task_module: Optional[str]) -> None:
-    """Start (once per Hydra process) a forkserver preloaded with torch and Hydra.
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
-    It runs in a fresh interpreter that never initialises CUDA, so forking workers from it
-    is CUDA-safe, unlike forking the Hydra process. It lives until the Hydra process
-    exits, so later jobs of a multirun start their workers at once.
+
+@contextlib.contextmanager
+def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
+    """An emulated node (a submitit_local task) stops when the Hydra process that
+    launched it is gone.
+
+    submitit cancels its local jobs when that process exits normally; if it is
+    SIGKILLed, submitit's controller and its tasks (our agents and their workers) would
+    run on, unwatched, to the end of the job. The node then terminates itself the way
+    scancel would (SIGTERM: the agent stops its workers, the job fails as stopped).
     """
-    import multiprocessing
-    from multiprocessing import forkserver
+    controller = os.getppid()
+    launcher = _parent_of(controller)
+    cmd = b""
+    with contextlib.suppress(OSError):
+        cmd = Path(f"/proc/{controller}/cmdline").read_bytes()
+    if env.get("SUBMITIT_EXECUTOR") != "local" or b"submitit.local" not in cmd or not launcher:
+        yield
+        return
+    done = threading.Event()
 
-    # torch and Hydra only: the task's module may touch CUDA at import, which would
-    # poison every worker forked from the server.
-    del task_module
-    multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    with no_main_reimport():
-        forkserver.ensure_running()
+    def watch() -> None:
+        while not done.wait(LAUNCHER_POLL_S):
+            if _parent_of(controller) != launcher:
+                log.error(
+                    "the Hydra process that launched this emulated node (pid %d) is gone: "
+                    "stopping the node",
+                    launcher,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=watch, name="torchrun-launcher-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _std(spec: StdSpec) -> Any:
@@ -317,6 +311,7 @@ def launch(
                 isolated_process_state(records),
                 no_main_reimport(),
                 forward_preemption(preemption_signal(os.environ), recorded_workers(records)),
+                follow_local_launcher(os.environ),
                 private_tempdir(private_tmp),
                 rendezvous_signer(placement.run_id, _rendezvous_signer(placement, coord)),
             ):

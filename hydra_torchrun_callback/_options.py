@@ -18,7 +18,7 @@ from hydra_torchrun_callback._config import OPTION_NAMES
 __all__ = ["Options", "TorchrunOptionError", "parse_options"]
 
 PREFIX = "hydra.callbacks.torchrun"
-START_METHODS = ("spawn", "fork", "forkserver")
+START_METHODS = ("forkserver", "spawn", "fork")
 RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
 CLUSTER_MODES = ("auto", "none", "slurm", "submitit")
 NPROC_WORDS = ("auto", "gpu", "cpu")
@@ -204,13 +204,14 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         raise TorchrunOptionError(
             "rdzv_backend", backend, "expected one of " + ", ".join(RDZV_BACKENDS), "c10d"
         )
-    start_method = str(get("start_method") or "spawn")
+    start_method = str(get("start_method") or "forkserver")
     if start_method not in START_METHODS:
         raise TorchrunOptionError(
             "start_method",
             start_method,
-            "expected one of spawn (default, CUDA-safe), fork, forkserver",
-            "spawn",
+            "expected one of forkserver (default: warm and CUDA-safe), spawn (a fresh "
+            "interpreter per worker, as torchrun), fork",
+            "forkserver",
         )
     interval = get("monitor_interval", 0.1)
     try:

@@ -54,7 +54,7 @@ def test_callable_kinds_under_spawn(tmp_path: Path, kind: str) -> None:
         assert res["direct"]["rank"] == -1 and res["direct"]["pid"] == res["hydra_pid"]
 
 
-@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_other_start_methods(tmp_path: Path, start_method: str) -> None:
     res = run_kind(
         tmp_path,

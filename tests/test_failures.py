@@ -95,7 +95,7 @@ BAD = [
     ("nnodes", "3:1", "1 <= MIN <= MAX"),
     ("nnodes", "0", "node count N >= 1"),
     ("max_restarts", "-1", "expected an integer >= 0"),
-    ("start_method", "thread", "expected one of spawn"),
+    ("start_method", "thread", "expected one of forkserver"),
     ("monitor_interval", "0", "seconds > 0"),
     ("redirects", "9", "0 (none), 1 (stdout), 2 (stderr), 3 (both)"),
     ("tee", "x", "0 (none), 1 (stdout), 2 (stderr), 3 (both)"),

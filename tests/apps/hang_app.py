@@ -7,10 +7,12 @@ import threading
 import time
 
 import hydra
+import import_probe
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from procs import agent_pid
 
 
 def wait_for_data(seconds: float) -> None:
@@ -35,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     threading.Thread(target=prefetch_loop, args=(threading.Event(),), daemon=True).start()
     out = HydraConfig.get().runtime.output_dir
     with open(os.path.join(out, f"started_rank{rank}.json"), "w") as f:
-        json.dump({"pid": os.getpid(), "agent_pid": os.getppid()}, f)
+        json.dump({"pid": import_probe.imported_by(), "agent_pid": agent_pid()}, f)
     if rank == cfg.fail_rank:
         # Raises once the test creates <output dir>/release (after it looked around).
         wait_for_release(os.path.join(out, "release"), cfg.hold)

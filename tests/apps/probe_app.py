@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
+from procs import agent_pid
 
 log = logging.getLogger(__name__)
 ENV_KEYS = (
@@ -52,7 +53,7 @@ def main(cfg: DictConfig) -> object:
         "cpus": sorted(os.sched_getaffinity(0)),
     }
     with open(os.path.join(hc.runtime.output_dir, f"started_rank{rank}.json"), "w") as f:
-        json.dump({"agent_pid": os.getppid(), "pid": os.getpid()}, f)
+        json.dump({"agent_pid": agent_pid(), "pid": os.getpid()}, f)
     if cfg.sleep_before:
         import time
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from procs import agent_pid
 
 
 @hydra.main(version_base=None, config_path=None, config_name=None)
@@ -27,7 +28,7 @@ def main(cfg: object) -> dict:
         os._exit(0)  # checkpoint saved: leave now, the job is being requeued
 
     signal.signal(signal.SIGUSR2, on_preempt)
-    (out / f"started_rank{rank}.json").write_text(json.dumps({"agent_pid": os.getppid()}))
+    (out / f"started_rank{rank}.json").write_text(json.dumps({"agent_pid": agent_pid()}))
     for step in range(1, 2400):  # about 2 minutes at most, then fail the test
         state["step"] = step
         time.sleep(0.05)
