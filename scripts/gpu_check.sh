@@ -5,6 +5,8 @@
 #      GPUs: nproc_per_node=gpu counts the host's GPUs, each node runs half of them
 #   3. in every job of runs 1 and 2, no two workers on this host share a GPU (by UUID)
 #   4. rank 0's CUDA tensors reach the Hydra process as CPU tensors, CUDA untouched there
+#   5. the warm server the workers are forked from (start_method=forkserver, the default)
+#      has one thread and no CUDA library mapped (each worker does map it)
 # The app is scripts/gpu_check_app.py. Exit status: 0 passed, 1 a check failed, 2 no GPU.
 #   bash scripts/gpu_check.sh          # needs nvidia-smi and a CUDA build of torch
 #   bash scripts/gpu_check.sh --cpu    # tests this harness without GPUs: the same runs and
@@ -93,13 +95,14 @@ if [ $per_node -ge 1 ]; then
 else
   check "2 sweep on 2 emulated nodes" - "1 GPU: two nodes would share it" 0 0
 fi
-for what in devices return; do
+for what in devices return warm; do
   for name in run1 run2; do
     [ -e "$out/$name.log" ] || continue
     world=$gpus jobs=1
     [ $name = run2 ] && world=$((2 * per_node)) jobs=2
     label="3 one device per worker ($name)"
     [ $what = return ] && label="4 tensor returned on the CPU ($name)"
+    [ $what = warm ] && label="5 warm server: no CUDA, 1 thread ($name)"
     check "$label" $name $what $jobs $world
   done
 done

@@ -51,7 +51,31 @@ def device_report(cpu: bool) -> dict[str, Any]:
         uuid = getattr(torch.cuda.get_device_properties(current), "uuid", None)
         info.update(current_device=current, uuid=None if uuid is None else str(uuid))
         info["key"] = f"GPU {uuid}" if uuid is not None else f"cuda:{current}"
+    info["warm"] = warm_report()
     return info
+
+
+def _maps_cuda(pid: int) -> bool:
+    """Whether the process has the CUDA driver library mapped (a context needs it)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "libcuda.so" in f.read()
+
+
+def warm_report() -> dict[str, Any]:
+    """The warm server this worker was forked from (start_method=forkserver, the
+    default): it must hold no CUDA context and have one thread when it forks."""
+    server = os.getppid()
+    with open(f"/proc/{server}/cmdline", "rb") as f:
+        if b"multiprocessing.forkserver" not in f.read():
+            return {"server": None}
+    with open(f"/proc/{server}/status") as f:
+        threads = next(int(x.split()[1]) for x in f if x.startswith("Threads:"))
+    return {
+        "server": server,
+        "threads": threads,
+        "server_cuda": _maps_cuda(server),
+        "worker_cuda": _maps_cuda(os.getpid()),
+    }
 
 
 @hydra.main(version_base=None, config_path=None, config_name="gpu_check")
@@ -131,7 +155,8 @@ def verdict(
     """One check over one run's records: (what was seen, problems; none = PASS).
 
     ``what``: "collective" (the all_reduce), "devices" (one device per worker and host),
-    "return" (rank 0's tensors reached the Hydra process on the CPU, CUDA untouched)."""
+    "return" (rank 0's tensors reached the Hydra process on the CPU, CUDA untouched),
+    "warm" (the server the workers were forked from has no CUDA and one thread)."""
     try:
         with open(records_path) as f:
             records = [json.loads(line) for line in f]
@@ -181,6 +206,21 @@ def verdict(
             if r["cuda_initialised_in_hydra_process"]:
                 problems.append(f"{job}: reading the value initialised CUDA in the Hydra process")
             seen_text = f"made on {v['source_device']}, came back on {r['tensor'].get('device')}"
+        elif what == "warm":
+            servers = {w["warm"]["server"] for w in v["workers"]}
+            if None in servers:
+                problems.append(f"{job}: workers were not forked from a warm server")
+                continue
+            for w in v["workers"]:
+                warm = w["warm"]
+                if warm["server_cuda"] or warm["threads"] != 1:
+                    problems.append(
+                        f"{job}: rank {w['rank']}'s server {warm['server']} has "
+                        f"{warm['threads']} thread(s), CUDA library mapped: {warm['server_cuda']}"
+                    )
+                if not cpu and not warm["worker_cuda"]:  # else the check proves nothing
+                    problems.append(f"{job}: rank {w['rank']} has no libcuda mapped")
+            seen_text = f"{len(servers)} server(s): 1 thread, no CUDA in them"
     return seen_text, problems
 
 
