@@ -1,112 +1,121 @@
 """Launch overhead: hydra/callbacks=torchrun against bare torchrun, same task body.
 
-    python benchmarks/launch_overhead.py                 # the full table (RESULTS.md)
-    python benchmarks/launch_overhead.py --quick         # 1 repetition, N=2 (CI smoke run)
+    python benchmarks/launch_overhead.py --reps 5 --extras --slurm --out benchmarks/RESULTS.md
+    python benchmarks/launch_overhead.py --quick        # 1 repetition, N=2, few steps (CI smoke)
 
-Systems run alternately (A B A B ...) so the machine's drift cancels. Per run it records
-the whole-process wall time, the time from start to the first collective completing
-(latest rank), CPU seconds of the whole process tree, and the peak RSS of the top
-(Hydra / torchrun agent) process. Prints Markdown tables; --out writes them to a file.
+The first command (as root, for the SLURM sandbox; otherwise that section says it was
+skipped) regenerates all of RESULTS.md, keeping its hand-written "Reading the figures"
+section, and writes launch_overhead.png beside it. Systems run alternately
+(A B A B ...) so the machine's drift cancels. Per run: wall until every process is gone
+(stderr pipe closed) and until the top process exited, start -> first collective (latest
+rank), CPU of the whole tree, peak RSS of the top (Hydra / torchrun agent) process, and
+the processes left alive (must be 0). "Where the time goes" splits each run at milestones
+the processes timestamp (body.py, phases.py, _rss.py), so the next optimisation can be
+picked from data. Also: DDP steady-state step time (steady_state.py), the seconds per
+extra emulated node (least squares), and with --slurm a 2-node job against sbatch + srun
+torchrun (slurm_compare.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
-import shutil
-import socket
+import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+import steady_state
+from _runner import HERE, Run, enable_subreaper, free_port, run
+
+FULL = "python benchmarks/launch_overhead.py --reps 5 --extras --slurm --out benchmarks/RESULTS.md"
+#: Milestone -> what the phase ending there covers (in time order; a run's phase starts at
+#: its previous milestone, so a system without Hydra skips the Hydra rows).
+PHASES: tuple[tuple[str, str], ...] = (
+    ("python_up", "interpreter start (Popen -> top process runs Python)"),
+    ("composed", "Hydra import + compose (-> on_run_start)"),
+    ("node_proc", "submit + schedule + node-side processes created (submitit task / agent)"),
+    ("job_start", "Hydra job setup (-> on_job_start; on the nodes: unpickle + run_job)"),
+    ("created", "until workers exist (agent, torch import, rendezvous, process creation)"),
+    ("imported", "worker start + imports (-> torch imported in the body)"),
+    ("pg_init", "process group init"),
+    ("first_collective", "first collective"),
+    ("end", "rest of the body (check, destroy group)"),
+    ("result", "result back in the Hydra process (-> on_job_end; nodes: in their tasks)"),
+    ("top_exit", "top process exits"),
+    ("gone", "every process gone (stderr pipe closed, no tagged process left)"),
+)
 
 
-@dataclass
-class Sample:
-    wall: float
-    first: float  # start -> last rank's first collective done
-    cpu: float
-    rss_mb: float
-    jobs: int = 1
+def values(runs: list[Run], attr: str) -> list[float]:
+    """Per job (a multirun's jobs share one process), except RSS and leftovers."""
+    out = []
+    for r in runs:
+        v = r.marks.get("first_collective", float("nan")) if attr == "first" else getattr(r, attr)
+        out.append(float(v) if attr in ("rss_mb", "leftovers") else float(v) / r.jobs)
+    return out
+
+
+def med(runs: list[Run], attr: str) -> float:
+    return statistics.median(values(runs, attr))
+
+
+def span(runs: list[Run], attr: str) -> str:
+    vals = values(runs, attr)
+    return f"{min(vals):.2f}-{max(vals):.2f}"
 
 
 @dataclass
 class System:
-    @staticmethod
-    def _per_job(sample: Sample, attr: str) -> float:
-        value = float(getattr(sample, attr))
-        return value if attr == "rss_mb" else value / sample.jobs
-
     name: str
-    group: str  # rows compared with each other share a group
-    samples: list[Sample] = field(default_factory=list)
+    group: str  # rows compared with each other share a group (and a table)
+    cmds: Callable[[], list[list[str]]]  # called per run (fresh ports)
+    jobs: int = 1  # Hydra jobs per run (a multirun): walls and CPU are shown per job
+    kind: str = ""  # the line in the plot (same kind across groups)
+    x: int = 0  # N or k, for the plot and the slope
+    phases: bool = True  # a column of "Where the time goes"
+    runs: list[Run] = field(default_factory=list)
 
     def med(self, attr: str) -> float:
-        return statistics.median(self._per_job(s, attr) for s in self.samples)
+        return med(self.runs, attr)
 
-    def span(self, attr: str) -> str:
-        vals = [self._per_job(s, attr) for s in self.samples]
-        return f"{min(vals):.2f}-{max(vals):.2f}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+    def values(self, attr: str) -> list[float]:
+        return values(self.runs, attr)
 
 
-def _env(out: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env["BENCH_OUT"] = str(out)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
-    return env
+def phase_split(marks: dict[str, float]) -> dict[str, float]:
+    """Milestones -> phase durations: each from the previous milestone this run has."""
+    prev, out = 0.0, {}
+    for key, _ in PHASES:
+        if key in marks:
+            out[key] = marks[key] - prev
+            prev = marks[key]
+    return out
 
 
-def run_once(cmds: list[list[str]], jobs: int = 1) -> Sample:
-    """Run the commands at once (several = several agents by hand); wait for all."""
-    work = Path(tempfile.mkdtemp(prefix="bench_"))
-    out = work / "ranks"
-    out.mkdir()
-    rss_files = [work / f"rss{i}" for i in range(len(cmds))]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.time()
-    t0 = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_rss.py"), str(rss), *cmd],
-            cwd=work,
-            env=_env(out),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for cmd, rss in zip(cmds, rss_files, strict=True)
-    ]
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    for p, err in zip(procs, errors, strict=True):
-        if p.returncode != 0:
-            raise RuntimeError(f"{cmds} failed ({p.returncode}):\n{err.decode()[-3000:]}")
-    firsts = [json.loads(p.read_text())["first_collective"] for p in out.rglob("rank*.json")]
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    rss = max(int(r.read_text()) for r in rss_files if r.exists()) / 1024
-    shutil.rmtree(work, ignore_errors=True)
-    return Sample(
-        wall=wall,
-        first=max(firsts) - start if firsts else float("nan"),
-        cpu=cpu,
-        rss_mb=rss,
-        jobs=jobs,
+def phase_table(columns: list[tuple[str, list[Run]]]) -> str:
+    """Rows = phases, columns = (system, its runs), median seconds over the repetitions."""
+    splits = [[phase_split(r.marks) for r in runs] for _, runs in columns]
+    head = "| phase (s, median) | " + " | ".join(name for name, _ in columns) + " |"
+    rows = [head, "|---" * (len(columns) + 1) + "|"]
+    for key, label in PHASES:
+        cells = []
+        for split in splits:
+            vals = [p[key] for p in split if key in p]
+            cells.append(f"{statistics.median(vals):.2f}" if vals else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows.append(
+        "| **wall (every process gone)** | "
+        + " | ".join(f"**{med(runs, 'wall'):.2f}**" for _, runs in columns)
+        + " |"
     )
+    return "\n".join(rows)
 
 
 def torchrun(n: int) -> list[list[str]]:
@@ -122,7 +131,7 @@ def torchrun(n: int) -> list[list[str]]:
 
 
 def torchrun_nodes(k: int) -> list[list[str]]:
-    port = _free_port()
+    port = free_port()
     return [
         [
             "-m",
@@ -138,10 +147,15 @@ def torchrun_nodes(k: int) -> list[list[str]]:
     ]
 
 
+#: The phases callback first (its start hooks run before the torchrun callback's).
+CALLBACKS = "hydra/callbacks=[phases,torchrun]"
+SPAWN = "hydra.callbacks.torchrun.start_method=spawn"
+
+
 def ours(n: int, *extra: str, multirun: int = 0) -> list[list[str]]:
     cmd = [
         str(HERE / "bench_app.py"),
-        "hydra/callbacks=torchrun",
+        CALLBACKS,
         f"hydra.callbacks.torchrun.nproc_per_node={n}",
         "hydra.run.dir=out",
         "hydra.sweep.dir=multi",
@@ -153,78 +167,175 @@ def ours(n: int, *extra: str, multirun: int = 0) -> list[list[str]]:
     return [cmd]
 
 
-def ours_nodes(k: int) -> list[list[str]]:
+def ours_nodes(k: int, *extra: str) -> list[list[str]]:
     return [
         [
             str(HERE / "bench_app.py"),
             "-m",
             "hydra/launcher=submitit_local",
             f"hydra.launcher.tasks_per_node={k}",
-            "hydra/callbacks=torchrun",
+            CALLBACKS,
             "hydra.callbacks.torchrun.nproc_per_node=1",
             "hydra.sweep.dir=multi",
+            *extra,
         ]
     ]
 
 
 def table(systems: list[System], baseline: dict[str, str]) -> str:
     rows = [
-        "| system | wall s (median, min-max) | start -> 1st collective s | CPU s | "
-        "peak RSS agent MB | wall ratio vs torchrun |",
-        "|---|---|---|---|---|---|",
+        "| system | wall s (median, min-max) | top process exit s | start -> 1st collective s | "
+        "CPU s | peak RSS agent MB | left alive | wall ratio vs torchrun |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_name = {s.name: s for s in systems}
     for s in systems:
         base = by_name.get(baseline.get(s.group, ""))
-        ratio = f"{s.med('wall') / base.med('wall'):.2f}x" if base and base is not s else "1.00x"
+        ratio = s.med("wall") / base.med("wall") if base else 1.0
         first = s.med("first")
         rows.append(
-            f"| {s.name} | {s.med('wall'):.2f} ({s.span('wall')}) | "
+            f"| {s.name} | {s.med('wall'):.2f} ({span(s.runs, 'wall')}) | "
+            f"{s.med('top_exit'):.2f} | "
             f"{'n/a' if first != first else f'{first:.2f}'} | {s.med('cpu'):.2f} | "
-            f"{s.med('rss_mb'):.0f} | {ratio} |"
+            f"{s.med('rss_mb'):.0f} | {max(s.values('leftovers')):.0f} | {ratio:.2f}x |"
         )
     return "\n".join(rows)
 
 
-def main() -> int:
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (seconds per extra node)."""
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+
+
+def slope_lines(systems: list[System]) -> list[str]:
+    """Per node kind: the least-squares slope of wall vs k over every run."""
+    kinds = dict.fromkeys(s.kind for s in systems)
+    out = []
+    for kind in kinds:
+        pts = [(float(s.x), r.wall) for s in systems if s.kind == kind for r in s.runs]
+        if len({x for x, _ in pts}) > 1:
+            out.append(
+                f"- {kind}: **{slope(pts):.2f} s per extra node** "
+                f"(wall, least squares over {len(pts)} runs)"
+            )
+    return out
+
+
+def plot(systems: list[System], path: Path) -> str:
+    """Wall vs workers and wall vs nodes (median, min-max bars); a note if impossible."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            "Plot: matplotlib is not installed (pip install 'hydra-torchrun-callback[bench]'); "
+            "no PNG written."
+        )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, prefix, xlabel in (
+        (axes[0], "N=", "workers N (one node)"),
+        (axes[1], "nodes=", "emulated nodes k (1 worker each)"),
+    ):
+        chosen = [s for s in systems if s.group.startswith(prefix) and s.kind]
+        for kind in dict.fromkeys(s.kind for s in chosen):
+            line = sorted((s for s in chosen if s.kind == kind), key=lambda s: s.x)
+            mid = [s.med("wall") for s in line]
+            low = [m - min(s.values("wall")) for m, s in zip(mid, line, strict=True)]
+            high = [max(s.values("wall")) - m for m, s in zip(mid, line, strict=True)]
+            ax.errorbar(
+                [s.x for s in line], mid, yerr=[low, high], marker="o", capsize=4, label=kind
+            )
+        if not chosen:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("wall s (every process gone)")
+        ax.set_xticks(sorted({s.x for s in chosen}) or [1])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if chosen:
+            ax.legend(fontsize=8)
+    fig.suptitle("hydra/callbacks=torchrun vs bare torchrun (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"Plot: {path.name} (wall vs workers, wall vs nodes)."
+
+
+def kept_reading(out: Path | None) -> str:
+    """The hand-written section of an existing report, kept when it is regenerated."""
+    if out is None or not out.exists():
+        return ""
+    m = re.search(r"^## Reading the figures\n.*", out.read_text(), flags=re.S | re.M)
+    return m.group(0).rstrip() + "\n" if m else ""
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--nprocs", default="1,2,4")
     ap.add_argument("--nodes", default="1,2,4")
-    ap.add_argument("--quick", action="store_true", help="1 repetition, N=2 only (CI smoke)")
+    ap.add_argument("--quick", action="store_true", help="1 repetition, N=2 only, 20 steps (smoke)")
     ap.add_argument("--extras", action="store_true", help="also: 100 MB return, 10k-key config")
+    ap.add_argument("--steps", type=int, default=300, help="steady state: timed steps (0: skip)")
+    ap.add_argument("--warmup", type=int, default=20, help="steady state: untimed steps first")
+    ap.add_argument("--slurm", action="store_true", help="also 2 nodes on a SLURM sandbox (root)")
+    ap.add_argument("--slurm-reps", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
+    ap.add_argument("--plot", type=Path, help="PNG (default: launch_overhead.png beside --out)")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.nprocs, args.nodes = 1, "2", ""
-    nprocs = [int(x) for x in args.nprocs.split(",") if x]
-    nodes = [int(x) for x in args.nodes.split(",") if x]
+        args.steps, args.warmup, args.slurm = min(args.steps, 20), min(args.warmup, 5), False
+    args.nprocs = [int(x) for x in args.nprocs.split(",") if x]
+    args.nodes = [int(x) for x in args.nodes.split(",") if x]
+    if args.plot is None and args.out is not None:
+        args.plot = args.out.parent / "launch_overhead.png"
+    return args
 
-    plan: list[tuple[System, object]] = []
+
+def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
+    """Every system to run once per round, and each group's baseline row."""
+    jobs = 2 if args.quick else 4  # per multirun
+    plan: list[System] = []
     baseline: dict[str, str] = {}
-    for n in nprocs:
+    for n in args.nprocs:
         g = f"N={n}"
         baseline[g] = f"torchrun --standalone N={n}"
         plan += [
-            (System(baseline[g], g), lambda n=n: run_once(torchrun(n))),
-            (System(f"ours spawn N={n}", g), lambda n=n: run_once(ours(n))),
-            (
-                System(f"ours multirun 4 jobs, per job, N={n}", g),
-                lambda n=n: run_once(ours(n, multirun=4), jobs=4),
-            ),
-            (
-                System(f"ours forkserver N={n}", g),
-                lambda n=n: run_once(ours(n, "hydra.callbacks.torchrun.start_method=forkserver")),
+            System(baseline[g], g, partial(torchrun, n), kind="torchrun --standalone", x=n),
+            System(f"ours default N={n}", g, partial(ours, n), kind="ours default", x=n),
+            System(f"ours spawn N={n}", g, partial(ours, n, SPAWN), kind="ours spawn", x=n),
+            System(
+                f"ours multirun {jobs} jobs, per job, N={n}",
+                g,
+                partial(ours, n, multirun=jobs),
+                jobs=jobs,
+                phases=False,
             ),
         ]
-    for k in nodes:
+    for k in args.nodes:
         g = f"nodes={k}"
         baseline[g] = f"torchrun x{k} agents by hand (c10d), 1 worker each"
         plan += [
-            (System(baseline[g], g), lambda k=k: run_once(torchrun_nodes(k))),
-            (
-                System(f"ours submitit_local {k} nodes x 1 worker", g),
-                lambda k=k: run_once(ours_nodes(k)),
+            System(baseline[g], g, partial(torchrun_nodes, k), kind="torchrun agents (c10d)", x=k),
+            System(
+                f"ours submitit_local {k} nodes x 1 worker",
+                g,
+                partial(ours_nodes, k),
+                kind="ours submitit_local (default)",
+                x=k,
+            ),
+            System(
+                f"ours submitit_local spawn {k} nodes x 1 worker",
+                g,
+                partial(ours_nodes, k, SPAWN),
+                kind="ours submitit_local spawn",
+                x=k,
             ),
         ]
     if args.extras:
@@ -233,46 +344,104 @@ def main() -> int:
             "return_mb: 0\n" + "".join(f"k{i}: {i}\n" for i in range(10_000))
         )
         g = "extras"
-        baseline[g] = "ours spawn N=2 (reference)"
+        baseline[g] = "ours default N=2 (reference)"
         plan += [
-            (System(baseline[g], g), lambda: run_once(ours(2))),
-            (
-                System("ours N=2, rank 0 returns 100 MB", g),
-                lambda: run_once(ours(2, "return_mb=100")),
-            ),
-            (
-                System("ours N=2, 10k-key config", g),
-                lambda: run_once(ours(2, f"--config-dir={big}", "--config-name=big")),
+            System(baseline[g], g, partial(ours, 2)),
+            System("ours N=2, rank 0 returns 100 MB", g, partial(ours, 2, "return_mb=100")),
+            System(
+                "ours N=2, 10k-key config",
+                g,
+                partial(ours, 2, f"--config-dir={big}", "--config-name=big"),
             ),
         ]
+    if args.steps:
+        steady = steady_state.systems(args.steps, args.warmup, spawn=not args.quick)
+        plan += [System(st.name, "steady", partial(list, st.cmds), phases=False) for st in steady]
+    return plan, baseline
 
-    for rep in range(args.reps):  # A B A B ...: every system once per round
-        for system, fn in plan:
-            system.samples.append(fn())  # type: ignore[operator]
-            print(
-                f"round {rep + 1}/{args.reps} {system.name}: "
-                f"{system.samples[-1].wall / system.samples[-1].jobs:.2f}s",
-                file=sys.stderr,
-            )
 
-    systems = [s for s, _ in plan]
+def render(args: argparse.Namespace, plan: list[System], baseline: dict[str, str]) -> str:
+    """The Markdown report (also runs the SLURM section and draws the plot)."""
+    by_group: dict[str, list[System]] = {}
+    for s in plan:
+        by_group.setdefault(s.group, []).append(s)
+    command = " ".join(["python benchmarks/launch_overhead.py", *sys.argv[1:]])
     report = [
         "# Launch overhead: hydra/callbacks=torchrun vs bare torchrun",
+        "",
+        "Regenerate everything (tables, phases, steady state, slopes, plot; the SLURM section "
+        f"needs root): `{FULL}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"torch {__import__('torch').__version__} (CPU), {platform.platform()}",
-        f"Command: `python benchmarks/launch_overhead.py {' '.join(sys.argv[1:])}`",
+        f"This run: `{command}`",
         f"Repetitions: {args.reps} per system, run alternately (A B A B ...). "
-        "Same body everywhere: init_process_group(gloo), all_reduce(rank), check, destroy.",
+        "Same body everywhere: init_process_group(gloo), all_reduce(rank), check, destroy. "
+        '"ours default" passes no start_method (the callback\'s default); "ours spawn" '
+        "passes start_method=spawn. Wall = until every process of the run is gone (the "
+        "stderr pipe closed, no process with the run's tag left); top process exit = when the "
+        "Hydra process / torchrun agent exited; left alive = processes of the run still "
+        "alive after it (must be 0).",
         "",
     ]
-    for group in dict.fromkeys(s.group for s in systems):
-        report += [f"## {group}", "", table([s for s in systems if s.group == group], baseline), ""]
-    text = "\n".join(report)
+    nodes = [s for s in plan if s.group.startswith("nodes=")]
+    for group, members in by_group.items():
+        if group == "steady":
+            continue
+        report += [f"## {group}", "", table(members, baseline), ""]
+        if nodes and group == nodes[-1].group and len(args.nodes) > 1:
+            ks = ",".join(map(str, args.nodes))
+            report += [f"Seconds per extra emulated node (slope of wall vs k, k = {ks}):", ""]
+            report += [*slope_lines(nodes), ""]
+    report += [
+        "## Where the time goes",
+        "",
+        "Median seconds per phase; a phase runs from the previous milestone the system has to "
+        "the one named. Rank milestones are the latest rank's; worker creation is /proc "
+        "starttime (10 ms ticks; under a forkserver, the fork). Medians of phases need not add "
+        "up to the median wall.",
+        "",
+    ]
+    for group, members in by_group.items():
+        cols = [(s.name, s.runs) for s in members if s.phases]
+        if cols:
+            report += [f"### {group}", "", phase_table(cols), ""]
+    if "steady" in by_group:
+        steady = [steady_state.SteadySystem(s.name, [], runs=s.runs) for s in by_group["steady"]]
+        report += [
+            "## Steady state (DDP step time)",
+            "",
+            steady_state.report(steady, args.steps, args.warmup),
+            "",
+        ]
+    if args.slurm:
+        import slurm_compare
+
+        report += ["## SLURM: 2 nodes x 2 workers", "", slurm_compare.section(args.slurm_reps), ""]
+    if args.plot is not None:
+        report += [plot(plan, args.plot), ""]
+    return "\n".join(report)
+
+
+def main() -> int:
+    args = parse_args()
+    enable_subreaper()
+    plan, baseline = make_plan(args)
+    for rep in range(args.reps):  # A B A B ...: every system once per round
+        for system in plan:
+            system.runs.append(run(system.cmds(), jobs=system.jobs))
+            last = system.runs[-1]
+            print(
+                f"round {rep + 1}/{args.reps} {system.name}: {last.wall / last.jobs:.2f}s"
+                + (f" ({last.leftovers} LEFT ALIVE)" if last.leftovers else ""),
+                file=sys.stderr,
+            )
+    text = render(args, plan, baseline)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        kept = kept_reading(args.out)
+        args.out.write_text(text + ("\n\n" + kept if kept else "\n"))
     return 0
 
 

@@ -1,7 +1,12 @@
-"""Keeps the benchmark harness working: one repetition at N=2 (not a timed test)."""
+"""Keeps the benchmark harness working: its --quick mode, once (not a timed test).
+
+One repetition at N=2 of every system, the phase table, a 20-step steady-state run and the
+plot; every run must leave no process behind.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -25,12 +30,42 @@ def test_launch_overhead_harness_quick(tmp_path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    table = out.read_text()
-    for row in (
-        "| torchrun --standalone N=2 |",
-        "| ours spawn N=2 |",
-        "| ours multirun 4 jobs, per job, N=2 |",
-        "| ours forkserver N=2 |",
-    ):
-        assert row in table
-    assert "x |" in table  # ratios are computed
+    report = out.read_text()
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in report.split("## Where the time goes")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| system")
+    }
+    assert sorted(rows) == sorted(
+        [
+            "torchrun --standalone N=2",
+            "ours default N=2",
+            "ours spawn N=2",
+            "ours multirun 2 jobs, per job, N=2",
+        ]
+    ), report
+    for name, cells in rows.items():
+        assert cells[5] == "0", f"{name} left processes alive:\n{report}"  # left alive
+        assert cells[6].endswith("x"), report  # ratio vs torchrun
+    phases = report.split("## Where the time goes")[1].split("## Steady state")[0]
+    assert "| phase (s, median) | torchrun --standalone N=2 | ours default N=2 | ours spawn" in (
+        phases
+    )
+    for phase in ("Hydra import + compose", "worker start + imports", "first collective"):
+        assert f"| {phase}" in phases, phases
+    steady = report.split("## Steady state (DDP step time)")[1]
+    assert "| torchrun --standalone N=2 |" in steady and "| ours default N=2 |" in steady
+    assert "Steady state: ours default N=2 / torchrun median step = " in steady
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "launch_overhead.png").stat().st_size > 0
+    assert "LEFT ALIVE" not in proc.stderr
+
+
+def test_slope_is_least_squares() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from launch_overhead import slope
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert slope([(1, 5.0), (2, 7.0), (4, 11.0)]) == 2.0
+    assert abs(slope([(1, 5.0), (1, 6.0), (2, 8.0), (4, 13.0)]) - 2.5) < 1e-9
