@@ -297,7 +297,12 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    from hydra_torchrun_callback._worker import LOCAL_SLOT_ENV, run_worker
+    from hydra_torchrun_callback._worker import (
+        FAILURE_GRACE_ENV,
+        LOCAL_SLOT_ENV,
+        failure_grace,
+        run_worker,
+    )
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)
@@ -334,6 +339,7 @@ def launch(
                 try:
                     try:
                         agent_env = dict(os.environ)
+                        agent_env[FAILURE_GRACE_ENV] = str(failure_grace(opts.monitor_interval))
                         if placement.plan is not None:  # where its workers sit on the host
                             agent_env[LOCAL_SLOT_ENV] = (
                                 f"{placement.plan.local_offset}:{placement.plan.local_world_size}"

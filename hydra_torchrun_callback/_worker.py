@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -193,6 +194,15 @@ def adopt_agent_env(env: dict[str, str]) -> None:
 
 #: "offset:host_workers" from the agent: this node shares its host with other tasks.
 LOCAL_SLOT_ENV = "HYDRA_TORCHRUN_LOCAL_SLOT"
+#: Seconds a raising worker waits before it exits (from the agent: its monitor interval
+#: plus a margin). torch's agent reports only the first failure it sees in a monitor tick;
+#: a peer killed by a signal (which caused this exception: gloo's "connection closed")
+#: must be seen first, as it is when workers are spawned and exit slowly.
+FAILURE_GRACE_ENV = "HYDRA_TORCHRUN_FAILURE_GRACE"
+
+
+def failure_grace(monitor_interval: float) -> float:
+    return min(1.0, monitor_interval + 0.1)
 
 
 def take_host_slot(environ: MutableMapping[str, str]) -> None:
@@ -376,6 +386,8 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
                 isinstance(exc, SystemExit) and exc.code in (0, None)
             ):  # a stop or a clean exit is nobody's root cause
                 _claim_first_failure(rank, exc)
+                with contextlib.suppress(ValueError):
+                    time.sleep(float(os.environ.get(FAILURE_GRACE_ENV, "0")))
             raise
         finally:
             for handler in logging.getLogger().handlers:
