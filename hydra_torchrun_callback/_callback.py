@@ -163,9 +163,6 @@ def pin_now_interpolations(config: DictConfig) -> None:
     walk(config, "")
 
 
-_exit_armed = False
-
-
 def _quick_exit_at_end() -> None:
     """In a node's submitit task: skip the final garbage collection at exit.
 
@@ -175,10 +172,8 @@ def _quick_exit_at_end() -> None:
     registered earlier (logging, multiprocessing, weakref finalizers), which still run.
     Only in submitit's task processes: the user's own Hydra process is left alone.
     """
-    global _exit_armed
-    if not _exit_armed:
-        _exit_armed = True
-        atexit.register(gc.freeze)
+    atexit.unregister(gc.freeze)  # once, however many copies are unpickled
+    atexit.register(gc.freeze)
 
 
 class TorchrunCallback(Callback):

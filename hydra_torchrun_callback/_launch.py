@@ -26,7 +26,7 @@ from typing import Any, Optional
 from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
-from hydra_torchrun_callback._proc import alive, descendants
+from hydra_torchrun_callback._proc import alive, descendants, parent_of
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
 from hydra_torchrun_callback._store import Signer, load_secret, rendezvous_signer
 from hydra_torchrun_callback._summary import NodeRecords
@@ -180,13 +180,6 @@ def forward_preemption(
 LAUNCHER_POLL_S = 0.5
 
 
-def _parent_of(pid: int) -> Optional[int]:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 @contextlib.contextmanager
 def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
     """An emulated node (a submitit_local task) stops when the Hydra process that
@@ -198,7 +191,7 @@ def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
     scancel would (SIGTERM: the agent stops its workers, the job fails as stopped).
     """
     controller = os.getppid()
-    launcher = _parent_of(controller)
+    launcher = parent_of(controller)
     cmd = b""
     with contextlib.suppress(OSError):
         cmd = Path(f"/proc/{controller}/cmdline").read_bytes()
@@ -209,7 +202,7 @@ def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
 
     def watch() -> None:
         while not done.wait(LAUNCHER_POLL_S):
-            if _parent_of(controller) != launcher:
+            if parent_of(controller) != launcher:
                 log.error(
                     "the Hydra process that launched this emulated node (pid %d) is gone: "
                     "stopping the node",

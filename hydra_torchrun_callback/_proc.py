@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["alive", "descendants"]
+__all__ = ["alive", "descendants", "die_with_parent", "parent_of"]
 
 
 def _state_and_parent(stat: Path) -> tuple[str, int]:
@@ -37,3 +40,30 @@ def alive(pids: list[int]) -> list[int]:
             if _state_and_parent(Path(f"/proc/{pid}/stat"))[0] != "Z":
                 out.append(pid)
     return out
+
+
+def parent_of(pid: int) -> Optional[int]:
+    """The parent pid of ``pid``; None if it is gone."""
+    try:
+        return _state_and_parent(Path(f"/proc/{pid}/stat"))[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def die_with_parent(parent: int, signum: int = 9) -> bool:
+    """Linux: have the kernel send ``signum`` (SIGKILL) to this process when ``parent``,
+    its parent, dies (``PR_SET_PDEATHSIG``). Exits at once if ``parent`` died already
+    (before prctl took effect). False where it cannot be set."""
+    if not sys.platform.startswith("linux") or os.getppid() != parent:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if int(libc.prctl(1, signum)) != 0:  # PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os._exit(1)
+    return True

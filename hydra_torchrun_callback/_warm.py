@@ -36,6 +36,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from hydra_torchrun_callback._proc import die_with_parent
+
 __all__ = ["PARENT_ENV", "WARM_PRELOAD", "bind_to_parent", "no_main_reimport", "start_warm"]
 
 #: The Hydra process's pid, for the server to bind its life to (set while starting it).
@@ -54,21 +56,6 @@ WARM_PRELOAD = (
     "hydra_torchrun_callback._worker",
 )
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _set_death_signal(signum: int) -> bool:
-    """Linux: have the kernel send ``signum`` to this process when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, signum)) == 0
-    except (OSError, AttributeError):
-        return False
-
 
 def bind_to_parent(environ: Any = os.environ) -> bool:
     """In the warm server (a direct child of the Hydra process that named itself in
@@ -77,12 +64,9 @@ def bind_to_parent(environ: Any = os.environ) -> bool:
     Anywhere else (the Hydra process, a worker importing this module) it does nothing.
     """
     parent = environ.get(PARENT_ENV, "")
-    if not parent.isdigit() or int(parent) != os.getppid():
+    # SIGKILL: the server holds nothing to clean up.
+    if not parent.isdigit() or not die_with_parent(int(parent)):
         return False
-    if not _set_death_signal(9):  # SIGKILL: the server holds nothing to clean up
-        return False
-    if os.getppid() != int(parent):  # the Hydra process died before prctl took effect
-        os._exit(1)
     environ.pop(PARENT_ENV, None)  # its forks (the workers) are not the server
     return True
 

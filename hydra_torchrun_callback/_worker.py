@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback import _pickling
+from hydra_torchrun_callback._proc import die_with_parent
 from hydra_torchrun_callback._result import to_cpu
 from hydra_torchrun_callback._stacks import arm_worker
 from hydra_torchrun_callback._summary import RECORDS_ENV, WorkerRecord
@@ -319,27 +320,6 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
         pass
 
 
-def die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when its parent (the agent) dies.
-
-    torch's agent stops its workers when it exits normally or on a signal it can
-    catch; if it is SIGKILLed (node loss, OOM killer) they would be orphaned, blocked
-    in a collective until a 30-minute timeout.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        parent = os.getppid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-    except (OSError, AttributeError):
-        pass
-
-
 _task_succeeded = False
 
 
@@ -367,7 +347,10 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     ``env`` is the agent's environment at launch: a forkserver started by an earlier
     job of a multirun holds an older one, so workers take this one.
     """
-    die_with_parent()
+    # torch's agent stops its workers when it exits normally or on a signal it can catch;
+    # if it (or the warm server) is SIGKILLed they would be orphaned, blocked in a
+    # collective until a 30-minute timeout.
+    die_with_parent(os.getppid())
     atexit.register(_fast_exit)
     rank = int(os.environ["RANK"])
     adopt_agent_env(env or {})

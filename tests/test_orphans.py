@@ -26,6 +26,12 @@ from conftest import APPS, app_env, processes_with_tag, wait_started
 START_METHODS = ["forkserver", "spawn", "fork"]
 SIGNALS = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
 GONE_WITHIN_S = 10.0
+TWO_NODES = [  # two emulated nodes (submitit_local tasks), one worker each
+    "hydra/launcher=submitit_local",
+    "hydra.launcher.tasks_per_node=2",
+    "hydra.launcher.timeout_min=60",
+    "hydra.callbacks.torchrun.nproc_per_node=1",
+]
 TIMES: dict[str, float] = {}
 
 
@@ -128,10 +134,7 @@ def test_emulated_nodes(tmp_path: Path, start_method: str, sig: signal.Signals) 
     proc = _start(
         tmp_path,
         tag,
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.timeout_min=60",
-        "hydra.callbacks.torchrun.nproc_per_node=1",
+        *TWO_NODES,
         f"hydra.callbacks.torchrun.start_method={start_method}",
         multirun=True,
     )
@@ -196,10 +199,7 @@ def test_emulated_nodes_when_the_launcher_is_killed(tmp_path: Path) -> None:
     proc = _start(
         tmp_path,
         tag,
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.timeout_min=60",
-        "hydra.callbacks.torchrun.nproc_per_node=1",
+        *TWO_NODES,
         multirun=True,
     )
     try:
