@@ -56,6 +56,9 @@ class Run:
     marks: dict[str, float] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)  # steady state: rank 0's step seconds
     threads: int = 0  # steady state: torch threads in rank 0
+    window_s: float = float("nan")  # steady state: seconds of the timed steps
+    own_cpu_s: float = float("nan")  # steady state: rank 0's CPU seconds over them
+    launcher_cpu_s: float = float("nan")  # steady state: every non-worker process's, meanwhile
     jobs: int = 1
 
 
@@ -285,5 +288,8 @@ def run(
         marks=marks,
         steps=steps[0]["step_s"] if steps else [],
         threads=steps[0]["threads"] if steps else 0,
+        window_s=steps[0].get("window_s", float("nan")) if steps else float("nan"),
+        own_cpu_s=steps[0].get("own_cpu_s", float("nan")) if steps else float("nan"),
+        launcher_cpu_s=steps[0].get("launcher_cpu_s", float("nan")) if steps else float("nan"),
         jobs=jobs,
     )

@@ -3,18 +3,48 @@
 The same function runs under bare torchrun (``python ddp_body.py STEPS WARMUP``) and as the
 task of ddp_app.py (ours). Seeds and data are fixed, so both systems do identical work:
 the launcher can only show up through the workers' environment (threads, affinity,
-allocator, process model). Rank 0 writes its per-step seconds (warm-up excluded) and
-torch's thread count to ``$BENCH_OUT/steps_<pid>.json``.
+allocator, process model). Rank 0 writes its per-step seconds (warm-up excluded),
+torch's thread count, its own CPU seconds over the timed steps, and the CPU seconds that
+every other process of the run (the launcher side: torchrun's agent, or the Hydra process,
+the warm server and multiprocessing's resource tracker) used meanwhile, to
+``$BENCH_OUT/steps_<pid>.json``. Those two CPU figures do not depend on how busy the
+machine is, unlike step times on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
+from pathlib import Path
 
 IN, HIDDEN, OUT, BATCH, BATCHES = 256, 256, 10, 128, 8
+
+
+def _launcher_cpu_s(workers: set[int]) -> float:
+    """CPU seconds so far of every live process of this run (``$BENCH_TAG``) but the workers."""
+    tag = os.environ.get("BENCH_TAG", "")
+    if not tag:
+        return float("nan")
+    needle, tick, total = f"BENCH_TAG={tag}".encode(), os.sysconf("SC_CLK_TCK"), 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) in workers:
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / tick
+
+
+def _self_cpu_s() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def train(steps: int = 300, warmup: int = 20) -> float:
@@ -38,10 +68,17 @@ def train(steps: int = 300, warmup: int = 20) -> float:
         for _ in range(BATCHES)
     ]
     loss_fn = torch.nn.CrossEntropyLoss()
+    pids: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    workers = set(pids)
     times: list[float] = []
     loss = torch.zeros(())
+    window: dict[str, float] = {}
     for step in range(warmup + steps):
         x, y = data[step % BATCHES]
+        if step == warmup and rank == 0:
+            window.update(launcher=_launcher_cpu_s(workers), own=_self_cpu_s())
+            window["start"] = time.perf_counter()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -52,7 +89,17 @@ def train(steps: int = 300, warmup: int = 20) -> float:
     final = float(loss.item())
     out = os.environ.get("BENCH_OUT")
     if rank == 0 and out:
-        record = {"step_s": times, "threads": torch.get_num_threads(), "loss": final}
+        record: dict[str, object] = {
+            "step_s": times,
+            "threads": torch.get_num_threads(),
+            "loss": final,
+        }
+        if window:  # no timed step: no window
+            record.update(
+                window_s=time.perf_counter() - window["start"],
+                own_cpu_s=_self_cpu_s() - window["own"],
+                launcher_cpu_s=_launcher_cpu_s(workers) - window["launcher"],
+            )
         with open(os.path.join(out, f"steps_{os.getpid()}.json"), "w") as f:
             json.dump(record, f)
     dist.destroy_process_group()
