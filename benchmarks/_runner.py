@@ -59,6 +59,7 @@ class Run:
     window_s: float = float("nan")  # steady state: seconds of the timed steps
     own_cpu_s: float = float("nan")  # steady state: rank 0's CPU seconds over them
     launcher_cpu_s: float = float("nan")  # steady state: every non-worker process's, meanwhile
+    launcher_exited: int = 0  # steady state: non-worker processes that exited meanwhile
     jobs: int = 1
 
 
@@ -291,5 +292,6 @@ def run(
         window_s=steps[0].get("window_s", float("nan")) if steps else float("nan"),
         own_cpu_s=steps[0].get("own_cpu_s", float("nan")) if steps else float("nan"),
         launcher_cpu_s=steps[0].get("launcher_cpu_s", float("nan")) if steps else float("nan"),
+        launcher_exited=steps[0].get("launcher_exited", 0) if steps else 0,
         jobs=jobs,
     )

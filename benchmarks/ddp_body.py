@@ -6,9 +6,10 @@ the launcher can only show up through the workers' environment (threads, affinit
 allocator, process model). Rank 0 writes its per-step seconds (warm-up excluded),
 torch's thread count, its own CPU seconds over the timed steps, and the CPU seconds that
 every other process of the run (the launcher side: torchrun's agent, or the Hydra process,
-the warm server and multiprocessing's resource tracker) used meanwhile, to
-``$BENCH_OUT/steps_<pid>.json``. Those two CPU figures do not depend on how busy the
-machine is, unlike step times on 2 cores.
+the warm server and multiprocessing's resource tracker) used meanwhile, read from each
+process's kernel CPU clock (nanoseconds), to ``$BENCH_OUT/steps_<pid>.json``. The launcher
+side's CPU counts work done, so, unlike step times on 2 busy cores, it does not grow when
+the machine is busy.
 """
 
 from __future__ import annotations
@@ -23,23 +24,40 @@ from pathlib import Path
 IN, HIDDEN, OUT, BATCH, BATCHES = 256, 256, 10, 128, 8
 
 
-def _launcher_cpu_s(workers: set[int]) -> float:
+def _cpu_s(pid: int) -> float | None:
+    """A process's CPU seconds (all its threads) from its kernel CPU clock, in nanoseconds:
+    /proc's utime/stime count 10 ms ticks, too coarse for a window of a few seconds."""
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9  # CPUCLOCK_SCHED of pid
+    except OSError:  # gone
+        return None
+
+
+def _launcher_cpu(workers: set[int]) -> dict[int, float]:
     """CPU seconds so far of every live process of this run (``$BENCH_TAG``) but the workers."""
     tag = os.environ.get("BENCH_TAG", "")
-    if not tag:
-        return float("nan")
-    needle, tick, total = f"BENCH_TAG={tag}".encode(), os.sysconf("SC_CLK_TCK"), 0
-    for proc in Path("/proc").glob("[0-9]*"):
-        if int(proc.name) in workers:
+    needle, found = f"BENCH_TAG={tag}".encode(), {}
+    for proc in Path("/proc").glob("[0-9]*") if tag else ():
+        pid = int(proc.name)
+        if pid in workers:
             continue
         try:
             if needle not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / tick
+        cpu = _cpu_s(pid)
+        if cpu is not None:
+            found[pid] = cpu
+    return found
+
+
+def _launcher_delta(before: dict[int, float], workers: set[int]) -> tuple[float, int]:
+    """CPU the launcher side used since ``before`` and how many of its processes exited
+    meanwhile (their share is lost: the figure is then a lower bound)."""
+    after = _launcher_cpu(workers)
+    used = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+    return used, len(set(before) - set(after))
 
 
 def _self_cpu_s() -> float:
@@ -74,11 +92,12 @@ def train(steps: int = 300, warmup: int = 20) -> float:
     times: list[float] = []
     loss = torch.zeros(())
     window: dict[str, float] = {}
+    launcher_before: dict[int, float] = {}
     for step in range(warmup + steps):
         x, y = data[step % BATCHES]
         if step == warmup and rank == 0:
-            window.update(launcher=_launcher_cpu_s(workers), own=_self_cpu_s())
-            window["start"] = time.perf_counter()
+            launcher_before = _launcher_cpu(workers)
+            window.update(own=_self_cpu_s(), start=time.perf_counter())
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -95,10 +114,13 @@ def train(steps: int = 300, warmup: int = 20) -> float:
             "loss": final,
         }
         if window:  # no timed step: no window
+            end, own = time.perf_counter(), _self_cpu_s()
+            used, exited = _launcher_delta(launcher_before, workers)
             record.update(
-                window_s=time.perf_counter() - window["start"],
-                own_cpu_s=_self_cpu_s() - window["own"],
-                launcher_cpu_s=_launcher_cpu_s(workers) - window["launcher"],
+                window_s=end - window["start"],
+                own_cpu_s=own - window["own"],
+                launcher_cpu_s=used,
+                launcher_exited=exited,
             )
         with open(os.path.join(out, f"steps_{os.getpid()}.json"), "w") as f:
             json.dump(record, f)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from _runner import HERE, Run, enable_subreaper, run
@@ -26,7 +25,24 @@ from ddp_body import BATCH, HIDDEN, IN, OUT
 
 TARGET = 1.02
 #: Two-sided 95 % Student t quantiles by degrees of freedom (no scipy needed).
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+_T95 = dict(
+    enumerate(
+        [
+            *(12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16),
+            *(2.15, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06),
+            *(2.05, 2.05, 2.05, 2.04),
+        ],
+        start=1,
+    )
+)
+
+
+def _t95(df: int) -> float:
+    return _T95.get(df, 2.04 if df <= 60 else 1.98)
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
 
 
 @dataclass
@@ -48,48 +64,59 @@ class SteadySystem:
 
     def own_cpu_ms_per_step(self) -> float:
         """Rank 0's CPU per timed step (its threads, gloo's included), median over runs."""
-        return statistics.median(r.own_cpu_s / max(len(r.steps), 1) for r in self.runs) * 1e3
+        values = _finite(_cpu_per_step(r) for r in self.runs)
+        return statistics.median(values) * 1e3 if values else float("nan")
 
     def launcher_share(self) -> float:
         """CPU of every non-worker process while the steps ran, in % of one core (median)."""
-        return statistics.median(r.launcher_cpu_s / r.window_s for r in self.runs) * 100
+        values = _finite(r.launcher_cpu_s / r.window_s for r in self.runs if r.window_s > 0)
+        return statistics.median(values) * 100 if values else float("nan")
+
+    def launcher_exited(self) -> int:
+        return sum(r.launcher_exited for r in self.runs)
 
 
 def _p10(values: list[float]) -> float:
     """10th percentile: a step that nothing else on the machine interrupted."""
-    return statistics.quantiles(values, n=10)[0] if len(values) > 1 else values[0]
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=10, method="inclusive")[0]
 
 
 def _cpu_per_step(run: Run) -> float:
-    return run.own_cpu_s / max(len(run.steps), 1)
+    return run.own_cpu_s / len(run.steps) if run.steps else float("nan")
 
 
 def paired_ratio(
     base: SteadySystem, other: SteadySystem, stat: Callable[[Run], float] | None = None
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """Geometric mean and 95 % interval of ``stat(other run) / stat(base run)`` (default:
     the run's median step time), run by run.
 
     Runs alternate (A B A B), so run i of both saw the same machine state as nearly as
-    possible: pairing removes the drift between rounds that pooled medians keep.
+    possible: pairing removes the drift between rounds that pooled medians keep. The last
+    value is the number of pairs used (a pair with no finite, positive value is dropped).
     """
-    stat = stat or (lambda r: statistics.median(r.steps))
-    logs = [
-        math.log(stat(o) / stat(b))
-        for b, o in zip(base.runs, other.runs, strict=False)
-        if b.steps and o.steps and stat(b) > 0 and stat(o) > 0
-    ]
+    stat = stat or (lambda r: statistics.median(r.steps) if r.steps else float("nan"))
+    logs = []
+    for b, o in zip(base.runs, other.runs, strict=True):
+        sb, so = stat(b), stat(o)
+        if math.isfinite(sb) and math.isfinite(so) and sb > 0 and so > 0:
+            logs.append(math.log(so / sb))
+    nan = float("nan")
     if not logs:
-        return float("nan"), float("nan"), float("nan")
+        return nan, nan, nan, 0
     mean = statistics.fmean(logs)
     if len(logs) < 2:
-        return math.exp(mean), float("nan"), float("nan")
-    half = _T95.get(len(logs) - 1, 2.0) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+        return math.exp(mean), nan, nan, 1
+    half = _t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs)
 
 
-def _interval(triple: tuple[float, float, float]) -> str:
-    mean, low, high = triple
+def _interval(found: tuple[float, float, float, int]) -> str:
+    mean, low, high, pairs = found
+    if pairs < 2:
+        return f"{mean:.3f}x (1 pair: no interval)"
     return f"{mean:.3f}x ({low:.3f}-{high:.3f})"
 
 
@@ -145,14 +172,15 @@ def report(steady: list[SteadySystem], steps: int, warmup: int) -> str:
             f"{statistics.median(r.wall for r in s.runs):.2f} |"
         )
     ours = steady[1]
-    mean, low, high = paired_ratio(base, ours)
-    if high <= TARGET:
+    mean, low, high, pairs = paired_ratio(base, ours)
+    if pairs < 2:
+        verdict = "**not resolved** (one pair: no interval)"
+    elif high <= TARGET:
         verdict = "met"
     elif low > TARGET:
         verdict = "**not met**"
     else:
         verdict = "**not resolved** (the interval straddles the target: noise)"
-    cores = os.cpu_count() or 1
     extra = ours.launcher_share() - base.launcher_share()
     rows += [
         "",
@@ -167,22 +195,28 @@ def report(steady: list[SteadySystem], steps: int, warmup: int) -> str:
             f"| {s.name} | {_interval(paired_ratio(base, s))} | "
             f"{_interval(paired_ratio(base, s, lambda r: _p10(r.steps)))} | "
             f"{_interval(paired_ratio(base, s, _cpu_per_step))} | "
-            f"{s.own_cpu_ms_per_step():.3f} | {s.launcher_share():.2f} % |"
+            f"{s.own_cpu_ms_per_step():.3f} | {s.launcher_share():.3f} % |"
         )
+    exited = sum(s.launcher_exited() for s in steady)
     rows += [
         "",
         f"Steady state, step time: {ours.name} / torchrun = {mean:.3f}x, 95 % interval "
-        f"{low:.3f}-{high:.3f} over {len(base.runs)} paired runs (target <= {TARGET:.2f}x: "
+        f"{low:.3f}-{high:.3f} over {pairs} paired runs (target <= {TARGET:.2f}x: "
         f"{verdict}); uninterrupted steps (p10): "
         f"{_interval(paired_ratio(base, ours, lambda r: _p10(r.steps)))}.",
         "",
-        f"Steady state, CPU (independent of how busy the machine is): while the steps ran, "
-        f"the launcher side used {ours.launcher_share():.2f} % of one core under ours and "
-        f"{base.launcher_share():.2f} % under torchrun ({extra:+.2f} points); on this "
-        f"{cores}-core machine, taken entirely from the workers, that is at most "
-        f"{max(extra, 0) / cores:.2f} % of their time. Rank 0's own CPU per step: "
-        f"{ours.own_cpu_ms_per_step():.3f} ms vs {base.own_cpu_ms_per_step():.3f} ms "
-        f"({ours.own_cpu_ms_per_step() / base.own_cpu_ms_per_step():.3f}x).",
+        f"Steady state, launcher side (CPU counts work done, so it does not grow when the "
+        f"machine is busy; each process's kernel CPU clock, in ns): while the steps ran, it "
+        f"used {ours.launcher_share():.3f} % of one core under ours and "
+        f"{base.launcher_share():.3f} % under torchrun ({extra:+.3f} points). DDP steps in "
+        f"lock-step, so CPU taken from any worker delays every rank: even if all of that "
+        f"difference were taken from the workers, steps would be at most "
+        f"{max(extra, 0):.3f} % longer."
+        + (f" ({exited} launcher-side process(es) exited during a window.)" if exited else ""),
+        "",
+        f"Rank 0's own CPU per step: {ours.own_cpu_ms_per_step():.3f} ms vs "
+        f"{base.own_cpu_ms_per_step():.3f} ms (its paired ratio is in the table; it includes "
+        "gloo's threads waiting for the all-reduce, so it is about as noisy as step time).",
     ]
     return "\n".join(rows)
 

@@ -203,8 +203,17 @@ class TorchrunCallback(Callback):
             self._start_warm_early()
 
     def _start_warm_early(self) -> None:
-        """The warm server imports torch while Hydra sets the job up (its own core)."""
-        if self._warm and not inside_torchrun_worker(os.environ):
+        """The warm server imports torch while Hydra sets the job up, if it has a core of
+        its own (else ``_run_job`` starts it after this process's own torch import)."""
+        if not self._warm or inside_torchrun_worker(os.environ):
+            return
+        from hydra_torchrun_callback._placement import detect_cluster, task_cpus, usable_cpus
+
+        try:
+            task = detect_cluster(os.environ, parse_options(self._options).cluster)
+        except Exception:  # e.g. a cluster variable missing: the job itself will say so
+            return
+        if task_cpus(os.environ, usable_cpus(), task) >= 2:
             from hydra_torchrun_callback._warm import start_warm
 
             start_warm()
