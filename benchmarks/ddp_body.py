@@ -19,7 +19,6 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 IN, HIDDEN, OUT, BATCH, BATCHES = 256, 256, 10, 128, 8
 
@@ -35,18 +34,12 @@ def _cpu_s(pid: int) -> float | None:
 
 def _launcher_cpu(workers: set[int]) -> dict[int, float]:
     """CPU seconds so far of every live process of this run (``$BENCH_TAG``) but the workers."""
-    tag = os.environ.get("BENCH_TAG", "")
-    needle, found = f"BENCH_TAG={tag}".encode(), {}
-    for proc in Path("/proc").glob("[0-9]*") if tag else ():
-        pid = int(proc.name)
-        if pid in workers:
-            continue
-        try:
-            if needle not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-        except OSError:
-            continue
-        cpu = _cpu_s(pid)
+    from _runner import TAG_VAR, tagged
+
+    tag = os.environ.get(TAG_VAR, "")
+    found = {}
+    for pid in tagged(tag) if tag else ():
+        cpu = None if pid in workers else _cpu_s(pid)
         if cpu is not None:
             found[pid] = cpu
     return found

@@ -213,9 +213,9 @@ class TorchrunCallback(Callback):
             task = detect_cluster(os.environ, parse_options(self._options).cluster)
         except Exception:  # e.g. a cluster variable missing: the job itself will say so
             return
-        if task_cpus(os.environ, usable_cpus(), task) >= 2:
-            from hydra_torchrun_callback._warm import start_warm
+        from hydra_torchrun_callback._warm import overlaps_imports, start_warm
 
+        if overlaps_imports(task_cpus(os.environ, usable_cpus(), task)):
             start_warm()
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
@@ -290,21 +290,18 @@ class TorchrunCallback(Callback):
             task_cpus,
             usable_cpus,
         )
-        from hydra_torchrun_callback._warm import start_warm
+        from hydra_torchrun_callback._warm import overlaps_imports, start_warm
 
         started = time.time()
         opts = parse_options(self._job_options(config))
         task = detect_cluster(os.environ, opts.cluster)
         cpus = task_cpus(os.environ, usable_cpus(), task)
-        if opts.start_method == "forkserver" and cpus >= 2:
-            # A node's first job (nothing warm yet): the server imports torch on one core
-            # while this process imports its own on another. On a single core the two
-            # imports would only slow each other down (measured: 4 at once on 2 cores take
-            # 15 % longer than 2 then 2), so there the server starts after this import.
-            start_warm()
+        warm = opts.start_method == "forkserver"
+        if warm and overlaps_imports(cpus):
+            start_warm()  # a node's first job: nothing is warm yet
         import torch
 
-        if opts.start_method == "forkserver":
+        if warm:
             start_warm()  # no-op when already running
 
         from hydra_torchrun_callback import _pickling
