@@ -179,10 +179,19 @@ def where(frames: Sequence[Frame]) -> str:
     return text
 
 
-def main_thread_frames(dump: Dump, main_ident: Optional[int]) -> list[Frame]:
-    if main_ident is not None and main_ident in dump:
-        return dump[main_ident]
-    return next(iter(dump.values()), [])
+def main_thread_frames(dumps: Sequence[Dump], main_ident: Optional[int]) -> Optional[list[Frame]]:
+    """The main thread's frames in the first dump that has them.
+
+    A stop dump can be cut short: faulthandler chains with SA_NODEFER, so a second
+    SIGTERM (SLURM signals every process of a step and the agent signals its workers
+    too) starts a new dump inside the first and then ends the process. faulthandler
+    writes the newest thread first and the main thread last, so the cut dump usually
+    lacks it; the next dump has it. Without a known ident, the last thread of the first
+    dump is the main thread (the oldest). None: no dump reached the main thread (the
+    process was killed while writing); another thread's frames would mislead."""
+    if main_ident is not None:
+        return next((dump[main_ident] for dump in dumps if main_ident in dump), None)
+    return next((list(dump.values())[-1] for dump in dumps if dump), None)
 
 
 def group_by_frame(wheres: Mapping[int, str]) -> list[tuple[list[int], str]]:
@@ -286,7 +295,7 @@ def dump_live_workers(
             if size > offset and sizes.get(rank) == size:
                 text = _read_from(path, offset)
                 dumps = parse_dumps(text)
-                frames = main_thread_frames(dumps[0], _ident(record)) if dumps else []
+                frames = main_thread_frames(dumps, _ident(record)) or []
                 pid = int(record["pid"])
                 dump = RankDump(rank, int(record.get("local_rank", 0)), pid, text, frames)
                 done.append(dump)
@@ -317,10 +326,9 @@ def harvest_stop_dumps(
         text = _read_from(stop, 0)
         if not text.strip():
             continue
-        dumps = parse_dumps(text)
-        if not dumps:
-            continue
-        found[(rank, pid)] = main_thread_frames(dumps[0], _ident(record))
+        frames = main_thread_frames(parse_dumps(text), _ident(record))
+        if frames is not None:
+            found[(rank, pid)] = frames
         _emit(record, log_block(text, rank, pid, "when the job stopped it"))
         with contextlib.suppress(OSError):
             stop.unlink()  # appended once, even if asked again

@@ -20,6 +20,7 @@ import pytest
 from hydra_torchrun_callback._stacks import (
     Frame,
     group_by_frame,
+    main_thread_frames,
     parse_dumps,
     where,
 )
@@ -206,6 +207,34 @@ def test_parse_two_appended_dumps(tmp_path: Path) -> None:
         assert main[0].file == str(script) and main[0].line in (9, 10)
         other = next(frames for t, frames in found.items() if t != ident)
         assert "helper" in [f.function for f in other]
+        assert list(found)[-1] == ident  # faulthandler writes the main thread last
+    assert [f.function for f in main_thread_frames(dumps, ident)] == ["inner", "<module>"]
+    assert main_thread_frames(dumps, None) == dumps[0][ident]  # no ident: the last thread
+
+
+def test_stop_dump_cut_short_by_a_second_signal(tmp_path: Path) -> None:
+    """scancel: SLURM and the agent both send SIGTERM. faulthandler chains with
+    SA_NODEFER, so the second starts a new dump inside the first (cut after the helper
+    thread's first frame) and ends the process. The main thread is where it was."""
+    script, dump = tmp_path / "dumper.py", tmp_path / "dump.txt"
+    script.write_text(_DUMPER)
+    ident = int(
+        subprocess.run(
+            [sys.executable, str(script), str(dump)], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    real = dump.read_text().splitlines(keepends=True)
+    heads = [i for i, line in enumerate(real) if "(most recent call first)" in line]
+    second = heads[len(heads) // 2]  # the second dump starts here
+    cut = "".join(real[: heads[0] + 2]) + "".join(real[second:])
+    assert cut.count("(most recent call first)") == len(heads) // 2 + 1
+    dumps = parse_dumps(cut)
+    assert ident not in dumps[0] and len(dumps[0]) == 1  # only the helper's first frame
+    assert [f.function for f in main_thread_frames(dumps, ident)] == ["inner", "<module>"]
+    assert where(main_thread_frames(dumps, ident) or []).startswith("inner (dumper.py:")
+    # Killed inside the first dump: no dump reached the main thread, so nothing is
+    # reported rather than the helper thread's frame.
+    assert main_thread_frames(parse_dumps("".join(real[: heads[0] + 2])), ident) is None
 
 
 def test_where_and_groups() -> None:
