@@ -60,6 +60,10 @@ class Run:
     own_cpu_s: float = float("nan")  # steady state: rank 0's CPU seconds over them
     launcher_cpu_s: float = float("nan")  # steady state: every non-worker process's, meanwhile
     launcher_exited: int = 0  # steady state: non-worker processes that exited meanwhile
+    gc_s: float = float("nan")  # steady state: rank 0's cyclic GC seconds over the steps
+    gc_full: int = 0  # steady state: full (generation 2) collections meanwhile
+    gc_tracked: int = 0  # steady state: objects rank 0's collector tracks (frozen ones not)
+    gc_frozen: int = 0  # steady state: objects frozen out of its reach (gc.freeze)
     jobs: int = 1
 
 
@@ -293,5 +297,9 @@ def run(
         own_cpu_s=steps[0].get("own_cpu_s", float("nan")) if steps else float("nan"),
         launcher_cpu_s=steps[0].get("launcher_cpu_s", float("nan")) if steps else float("nan"),
         launcher_exited=steps[0].get("launcher_exited", 0) if steps else 0,
+        gc_s=steps[0].get("gc_s", float("nan")) if steps else float("nan"),
+        gc_full=steps[0].get("gc_collections", [0, 0, 0])[2] if steps else 0,
+        gc_tracked=steps[0].get("gc_tracked", 0) if steps else 0,
+        gc_frozen=steps[0].get("gc_frozen", 0) if steps else 0,
         jobs=jobs,
     )

@@ -14,6 +14,7 @@ the machine is busy.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -58,6 +59,25 @@ def _self_cpu_s() -> float:
     return use.ru_utime + use.ru_stime
 
 
+class _GcClock:
+    """Time the cyclic garbage collector spends while it is installed (``gc.callbacks``):
+    a worker-side cost per step that, unlike step time, does not move with the machine's
+    load much. It scales with the objects the collector tracks: what the worker imported
+    and unpickled before the task, unless those were frozen (``gc.freeze``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+
+
 def train(steps: int = 300, warmup: int = 20) -> float:
     """Run ``warmup + steps`` optimizer steps; return the final loss (the same everywhere)."""
     import torch
@@ -85,11 +105,13 @@ def train(steps: int = 300, warmup: int = 20) -> float:
     times: list[float] = []
     loss = torch.zeros(())
     window: dict[str, float] = {}
+    gc_clock = _GcClock()
     launcher_before: dict[int, float] = {}
     for step in range(warmup + steps):
         x, y = data[step % BATCHES]
         if step == warmup and rank == 0:
             launcher_before = _launcher_cpu(workers)
+            gc.callbacks.append(gc_clock)
             window.update(own=_self_cpu_s(), start=time.perf_counter())
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -98,6 +120,8 @@ def train(steps: int = 300, warmup: int = 20) -> float:
         opt.step()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    if gc_clock in gc.callbacks:
+        gc.callbacks.remove(gc_clock)
     final = float(loss.item())
     out = os.environ.get("BENCH_OUT")
     if rank == 0 and out:
@@ -114,6 +138,10 @@ def train(steps: int = 300, warmup: int = 20) -> float:
                 own_cpu_s=own - window["own"],
                 launcher_cpu_s=used,
                 launcher_exited=exited,
+                gc_s=gc_clock.seconds,
+                gc_collections=gc_clock.collections,
+                gc_tracked=len(gc.get_objects()),
+                gc_frozen=gc.get_freeze_count(),
             )
         with open(os.path.join(out, f"steps_{os.getpid()}.json"), "w") as f:
             json.dump(record, f)

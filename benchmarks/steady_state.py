@@ -75,6 +75,20 @@ class SteadySystem:
     def launcher_exited(self) -> int:
         return sum(r.launcher_exited for r in self.runs)
 
+    def gc_ms(self) -> float:
+        """Rank 0's cyclic GC time over the timed steps, median over runs (ms)."""
+        values = _finite(r.gc_s for r in self.runs)
+        return statistics.median(values) * 1e3 if values else float("nan")
+
+    def gc_cell(self) -> str:
+        tracked = statistics.median(r.gc_tracked for r in self.runs) if self.runs else 0
+        frozen = statistics.median(r.gc_frozen for r in self.runs) if self.runs else 0
+        full = sum(r.gc_full for r in self.runs)
+        return (
+            f"{self.gc_ms():.1f} ms, {full} full; {tracked / 1e3:.0f}k tracked, "
+            f"{frozen / 1e3:.0f}k frozen"
+        )
+
 
 def _p10(values: list[float]) -> float:
     """10th percentile: a step that nothing else on the machine interrupted."""
@@ -120,9 +134,17 @@ def _interval(found: tuple[float, float, float, int]) -> str:
     return f"{mean:.3f}x ({low:.3f}-{high:.3f})"
 
 
-def systems(steps: int, warmup: int, spawn: bool = False, nproc: int = 2) -> list[SteadySystem]:
+#: The name suffix of torchrun measured against itself (the machine's noise floor).
+AGAIN = " (again: A/A)"
+
+
+def systems(
+    steps: int, warmup: int, spawn: bool = False, nproc: int = 2, again: bool = False
+) -> list[SteadySystem]:
     """Bare torchrun first (the baseline), ours with its default start method, and (``spawn``)
-    ours with fresh-interpreter workers, to tell a start-method effect from a launcher one."""
+    ours with fresh-interpreter workers, to tell a start-method effect from a launcher one.
+    ``again``: bare torchrun once more, paired with itself like the others: whatever
+    interval it gets is what this machine can resolve at all."""
     torchrun = [
         "-m",
         "torch.distributed.run",
@@ -147,6 +169,8 @@ def systems(steps: int, warmup: int, spawn: bool = False, nproc: int = 2) -> lis
     if spawn:
         spawned = [*ours, "hydra.callbacks.torchrun.start_method=spawn"]
         found.append(SteadySystem(f"ours spawn N={nproc}", [spawned]))
+    if again:
+        found.append(SteadySystem(f"torchrun --standalone N={nproc}{AGAIN}", [torchrun]))
     return found
 
 
@@ -187,15 +211,16 @@ def report(steady: list[SteadySystem], steps: int, warmup: int) -> str:
         "Paired by round, vs torchrun (geometric mean, 95 % interval):",
         "",
         "| system | median step ratio | p10 step ratio | rank 0 CPU per step ratio | "
-        "rank 0 CPU ms per step | launcher side CPU while training (% of one core) |",
-        "|---|---|---|---|---|---|",
+        "rank 0 CPU ms per step | launcher side CPU while training (% of one core) | "
+        "rank 0 cyclic GC during the steps (all runs) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in steady:
         rows.append(
             f"| {s.name} | {_interval(paired_ratio(base, s))} | "
             f"{_interval(paired_ratio(base, s, lambda r: _p10(r.steps)))} | "
             f"{_interval(paired_ratio(base, s, _cpu_per_step))} | "
-            f"{s.own_cpu_ms_per_step():.3f} | {s.launcher_share():.3f} % |"
+            f"{s.own_cpu_ms_per_step():.3f} | {s.launcher_share():.3f} % | {s.gc_cell()} |"
         )
     exited = sum(s.launcher_exited() for s in steady)
     rows += [
@@ -214,11 +239,40 @@ def report(steady: list[SteadySystem], steps: int, warmup: int) -> str:
         f"{max(extra, 0):.3f} % longer."
         + (f" ({exited} launcher-side process(es) exited during a window.)" if exited else ""),
         "",
+        f"Rank 0's cyclic garbage collector over the timed steps: {ours.gc_ms():.1f} ms under "
+        f"ours and {base.gc_ms():.1f} ms under torchrun (last column). What a worker imported "
+        "and unpickled before the task (Hydra, the config, the task) adds objects for it to "
+        "track, but a full collection is what would scan them, and the counts say how many ran.",
+        "",
+        *_noise_floor(steady),
         f"Rank 0's own CPU per step: {ours.own_cpu_ms_per_step():.3f} ms vs "
         f"{base.own_cpu_ms_per_step():.3f} ms (its paired ratio is in the table; it includes "
         "gloo's threads waiting for the all-reduce, so it is about as noisy as step time).",
     ]
     return "\n".join(rows)
+
+
+def _noise_floor(steady: list[SteadySystem]) -> list[str]:
+    """What torchrun against itself says about the resolution of the pairing."""
+    again = next((s for s in steady if s.name.endswith(AGAIN)), None)
+    if again is None:
+        return []
+    mean, low, high, pairs = paired_ratio(steady[0], again)
+    if pairs < 2:
+        return [f"Noise floor: torchrun against itself: {mean:.3f}x (one pair: no interval).", ""]
+    width = max(high - 1.0, 1.0 - low) * 100
+    return [
+        f"Noise floor: bare torchrun paired with itself the same way gives {mean:.3f}x, 95 % "
+        f"interval {low:.3f}-{high:.3f}: on this machine a run's median step moves by up "
+        f"to about {width:.0f} % from one run to the next with nothing changed, "
+        + (
+            "so a 2 % difference cannot be resolved here by step time; the launcher side's "
+            "CPU above bounds it instead."
+            if width > (TARGET - 1.0) * 100
+            else "fine enough to resolve the 2 % target."
+        ),
+        "",
+    ]
 
 
 def main() -> int:
@@ -227,9 +281,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--no-spawn", action="store_true", help="skip the 'ours spawn' row")
+    ap.add_argument(
+        "--no-again", action="store_true", help="skip torchrun against itself (the noise floor)"
+    )
     args = ap.parse_args()
     enable_subreaper()
-    steady = systems(args.steps, args.warmup, spawn=not args.no_spawn)
+    steady = systems(args.steps, args.warmup, spawn=not args.no_spawn, again=not args.no_again)
     for rep in range(args.reps):
         for s in steady:
             s.runs.append(run(s.cmds))

@@ -201,6 +201,15 @@ class TorchrunCallback(Callback):
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if launcher.endswith("BasicLauncher"):  # jobs run in this very process
             self._start_warm_early()
+        elif launcher.endswith("submitit_launcher.LocalLauncher"):  # emulated nodes
+            from hydra_torchrun_callback._local_wait import prompt_local_waits
+
+            prompt_local_waits()  # see each job end when its nodes exit, not 1 s later
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra_torchrun_callback._local_wait import restore_local_waits
+
+        restore_local_waits()
 
     def _start_warm_early(self) -> None:
         """The warm server imports torch while Hydra sets the job up, if it has a core of

@@ -64,6 +64,14 @@ def test_launch_overhead_harness_quick(tmp_path) -> None:
     own = re.search(r"Rank 0's own CPU per step: (\d+\.\d+) ms vs (\d+\.\d+) ms", steady)
     assert launcher is not None and own is not None, steady
     assert float(own.group(1)) > 0 and float(own.group(2)) > 0, steady
+    gc_time = re.search(
+        r"Rank 0's cyclic garbage collector over the timed steps: (\d+\.\d) ms under ours "
+        r"and (\d+\.\d) ms under torchrun",
+        steady,
+    )
+    assert gc_time is not None, steady  # measured in every run (nan would not match)
+    tracked = re.findall(r"\| [\d.]+ ms, \d+ full; (\d+)k tracked, \d+k frozen \|", steady)
+    assert len(tracked) == 2 and all(int(t) > 0 for t in tracked), steady  # both systems
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "launch_overhead.png").stat().st_size > 0
     assert "LEFT ALIVE" not in proc.stderr
