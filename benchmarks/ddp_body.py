@@ -107,21 +107,23 @@ def train(steps: int = 300, warmup: int = 20) -> float:
     window: dict[str, float] = {}
     gc_clock = _GcClock()
     launcher_before: dict[int, float] = {}
-    for step in range(warmup + steps):
-        x, y = data[step % BATCHES]
-        if step == warmup and rank == 0:
-            launcher_before = _launcher_cpu(workers)
-            gc.callbacks.append(gc_clock)
-            window.update(own=_self_cpu_s(), start=time.perf_counter())
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()  # DDP all-reduces the gradients here
-        opt.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    if gc_clock in gc.callbacks:
-        gc.callbacks.remove(gc_clock)
+    try:
+        for step in range(warmup + steps):
+            x, y = data[step % BATCHES]
+            if step == warmup and rank == 0:
+                launcher_before = _launcher_cpu(workers)
+                gc.callbacks.append(gc_clock)
+                window.update(own=_self_cpu_s(), start=time.perf_counter())
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()  # DDP all-reduces the gradients here
+            opt.step()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        if gc_clock in gc.callbacks:
+            gc.callbacks.remove(gc_clock)
     final = float(loss.item())
     out = os.environ.get("BENCH_OUT")
     if rank == 0 and out:

@@ -6,9 +6,9 @@
 Launch overhead is paid once; what a long job feels is the step time. A small MLP
 (ddp_body.py) trains with DDP over gloo on 2 workers, the same seeds and data in every
 system; rank 0 times each optimizer step (forward, backward with the gradient all-reduce,
-update). Systems alternate (A B A B ...). A difference can only come from the workers'
-environment: thread count, CPU affinity, start method (a fork of a warm server vs a fresh
-interpreter), the agent's monitoring. Target: ours within 2 % of torchrun.
+update). Rounds run the systems in turn, every other round in reverse (A B C, C B A, ...).
+A difference can only come from the workers' environment: thread count, CPU affinity,
+start method (a fork of a warm server vs a fresh interpreter), the agent's monitoring. Target: ours within 2 % of torchrun.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def paired_ratio(
     """Geometric mean and 95 % interval of ``stat(other run) / stat(base run)`` (default:
     the run's median step time), run by run.
 
-    Runs alternate (A B A B), so run i of both saw the same machine state as nearly as
-    possible: pairing removes the drift between rounds that pooled medians keep. The last
+    Run i of both systems comes from the same round, so they saw the same machine state as
+    nearly as possible (rounds alternate in direction, so neither always runs first):
+    pairing removes the drift between rounds that pooled medians keep. The last
     value is the number of pairs used (a pair with no finite, positive value is dropped).
     """
     stat = stat or (lambda r: statistics.median(r.steps) if r.steps else float("nan"))
@@ -212,7 +213,7 @@ def report(steady: list[SteadySystem], steps: int, warmup: int) -> str:
         "",
         "| system | median step ratio | p10 step ratio | rank 0 CPU per step ratio | "
         "rank 0 CPU ms per step | launcher side CPU while training (% of one core) | "
-        "rank 0 cyclic GC during the steps (all runs) |",
+        "rank 0 cyclic GC during the steps (median ms; full collections in all runs) |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in steady:
@@ -259,12 +260,13 @@ def _noise_floor(steady: list[SteadySystem]) -> list[str]:
         return []
     mean, low, high, pairs = paired_ratio(steady[0], again)
     if pairs < 2:
-        return [f"Noise floor: torchrun against itself: {mean:.3f}x (one pair: no interval).", ""]
+        got = "no pair" if pairs == 0 else f"{mean:.3f}x (one pair: no interval)"
+        return [f"Noise floor: torchrun against itself: {got}.", ""]
     width = max(high - 1.0, 1.0 - low) * 100
     return [
         f"Noise floor: bare torchrun paired with itself the same way gives {mean:.3f}x, 95 % "
-        f"interval {low:.3f}-{high:.3f}: on this machine a run's median step moves by up "
-        f"to about {width:.0f} % from one run to the next with nothing changed, "
+        f"interval {low:.3f}-{high:.3f}: with {pairs} pairs on this machine, two identical "
+        f"systems are only told apart to about +-{width:.0f} %, "
         + (
             "so a 2 % difference cannot be resolved here by step time; the launcher side's "
             "CPU above bounds it instead."
@@ -288,7 +290,9 @@ def main() -> int:
     enable_subreaper()
     steady = systems(args.steps, args.warmup, spawn=not args.no_spawn, again=not args.no_again)
     for rep in range(args.reps):
-        for s in steady:
+        # Every other round in reverse order: a system's place in the round (what ran just
+        # before it, the machine warming up) then weighs the same on both sides of a pair.
+        for s in steady if rep % 2 == 0 else steady[::-1]:
             s.runs.append(run(s.cmds))
             print(f"round {rep + 1}/{args.reps} {s.name}: {s.median_ms():.3f} ms", file=sys.stderr)
     print("## Steady state (DDP step time)\n\n" + report(steady, args.steps, args.warmup))

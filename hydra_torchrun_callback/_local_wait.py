@@ -10,8 +10,10 @@ submitit_local runs, the launching process checks local jobs every
 :data:`POLL_S` instead; the sleep was costing 0.5 s per job on average (measured in
 ``benchmarks/RESULTS.md``, "top process exits"). SLURM jobs keep submitit's own wait.
 
-Only that class attribute is replaced, and :func:`restore_local_waits` (at the
-multirun's end) puts back exactly what was there; nothing else of submitit changes.
+Only that class attribute is replaced, and only while it is submitit's inherited
+``Job.wait``; :func:`restore_local_waits` (at the multirun's end) removes it again, so
+nothing else of submitit changes. A multirun whose job fails ends without Hydra's
+``on_multirun_end``: the prompt wait then stays for the rest of that (ending) process.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ __all__ = ["POLL_S", "prompt_local_waits", "restore_local_waits"]
 #: Seconds between two checks of a local job (a waitpid each: about 10 us of CPU).
 POLL_S = 0.02
 
-_MISSING = object()
-#: What LocalJob had as its own ``wait`` before (set while ours is in place).
-_previous: list[Any] = []
+#: Multiruns in this process under way with ours in place (one Hydra app may run several).
+_depth: list[int] = [0]
 
 
 def _wait_promptly(job: Any) -> None:
@@ -35,29 +36,28 @@ def _wait_promptly(job: Any) -> None:
 
 
 def prompt_local_waits() -> bool:
-    """Make submitit's local jobs wait with :data:`POLL_S` (until
-    :func:`restore_local_waits`). False when submitit's local job class is not there."""
+    """Make submitit's local jobs wait with :data:`POLL_S` (until as many
+    :func:`restore_local_waits`). False, changing nothing, when submitit's local job
+    class is not there or has a ``wait`` of its own (a submitit we do not know)."""
     try:
+        from submitit.core.core import Job
         from submitit.local.local import LocalJob
     except ImportError:
         return False
-    if not callable(getattr(LocalJob, "done", None)):
+    if LocalJob.wait is not Job.wait and LocalJob.__dict__.get("wait") is not _wait_promptly:
         return False
-    if not _previous:  # a second multirun in this process keeps the first one's undo
-        _previous.append(LocalJob.__dict__.get("wait", _MISSING))
-        LocalJob.wait = _wait_promptly  # type: ignore[method-assign,assignment]
+    LocalJob.wait = _wait_promptly  # type: ignore[method-assign,assignment]
+    _depth[0] += 1
     return True
 
 
 def restore_local_waits() -> None:
-    """Put back exactly what LocalJob had."""
-    if not _previous:
+    """Undo one :func:`prompt_local_waits`; the last one puts submitit's wait back."""
+    if _depth[0] == 0:
         return
-    from submitit.local.local import LocalJob
+    _depth[0] -= 1
+    if _depth[0] == 0:
+        from submitit.local.local import LocalJob
 
-    previous = _previous.pop()
-    if previous is _MISSING:
         if LocalJob.__dict__.get("wait") is _wait_promptly:
-            del LocalJob.wait
-    else:
-        LocalJob.wait = previous  # type: ignore[method-assign]
+            del LocalJob.wait  # inherited from submitit's Job again

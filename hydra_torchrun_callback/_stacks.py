@@ -128,7 +128,7 @@ class Frame:
         return {"function": self.function, "file": self.file, "line": self.line}
 
 
-_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-fA-F]+) \(most recent call first\):")
+_THREAD = re.compile(r"(Current thread|Thread) (0x[0-9a-fA-F]+) \(most recent call first\):")
 _FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
 
 #: One dump: thread ident -> its frames, innermost first.
@@ -139,14 +139,16 @@ def parse_dumps(text: str) -> list[Dump]:
     """faulthandler's output, possibly several dumps appended, as a list of dumps.
 
     faulthandler writes no separator; each thread appears once per dump, so a thread
-    seen again starts the next dump."""
+    seen again starts the next dump. A dump cut short by a second signal can end in the
+    middle of a line (faulthandler writes a line in many small writes): a thread header
+    found after other text on a line also starts the next dump."""
     dumps: list[Dump] = []
     current: Optional[list[Frame]] = None
     for line in text.splitlines():
-        head = _THREAD.match(line)
+        head = _THREAD.search(line)
         if head:
             ident = int(head.group(2), 16)
-            if not dumps or ident in dumps[-1]:
+            if not dumps or ident in dumps[-1] or line[: head.start()].strip():
                 dumps.append({})
             current = dumps[-1][ident] = []
             continue
@@ -190,7 +192,9 @@ def main_thread_frames(dumps: Sequence[Dump], main_ident: Optional[int]) -> Opti
     dump is the main thread (the oldest). None: no dump reached the main thread (the
     process was killed while writing); another thread's frames would mislead."""
     if main_ident is not None:
-        return next((dump[main_ident] for dump in dumps if main_ident in dump), None)
+        found = [dump[main_ident] for dump in dumps if main_ident in dump]
+        # A dump cut right after the main thread's header has it without frames.
+        return next((frames for frames in found if frames), found[0] if found else None)
     return next((list(dump.values())[-1] for dump in dumps if dump), None)
 
 

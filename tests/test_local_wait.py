@@ -1,13 +1,14 @@
 """submitit_local: the launching process sees a local job end as its processes exit.
 
-Real submitit local jobs; the moment a job's controller process exits is observed with
-``waitid(WNOWAIT)`` (which leaves the process for submitit to reap), so the latency
-measured is exactly what the launching process adds after the job is over.
+Real submitit local jobs. The moment a job's controller process exits is read from a
+pidfd (readable once the process has exited, whoever reaps it), so the latency measured
+is exactly what the launching process adds after the job is over.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -20,22 +21,26 @@ from hydra_torchrun_callback._local_wait import POLL_S, prompt_local_waits, rest
 submitit = pytest.importorskip("submitit")
 
 
-def _latency(executor: Any) -> float:
+def _latency(executor: Any, seconds: float) -> float:
     """Seconds from the job's controller exiting to ``job.wait()`` returning."""
-    job = executor.submit(time.time)
+    job = executor.submit(time.sleep, seconds)
+    pidfd = os.pidfd_open(job._process.pid)
     exited: list[float] = []
 
     def watch() -> None:
-        os.waitid(os.P_PID, job._process.pid, os.WEXITED | os.WNOWAIT)
+        select.select([pidfd], [], [], 60)
         exited.append(time.monotonic())
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    job.wait()
-    returned = time.monotonic()
-    watcher.join(timeout=10)
+    try:
+        job.wait()
+        returned = time.monotonic()
+        watcher.join(timeout=10)
+    finally:
+        os.close(pidfd)
     assert exited, "the controller never exited"
-    assert isinstance(job.result(), float)  # the job itself ran and returned
+    assert job.result() is None  # the job itself ran
     return returned - exited[0]
 
 
@@ -47,14 +52,17 @@ def test_local_jobs_are_seen_ending_promptly(tmp_path: Path) -> None:
     executor.update_parameters(timeout_min=2)
     assert prompt_local_waits()
     try:
-        assert prompt_local_waits()  # a second multirun in the process: still one undo
-        # submitit's own wait sleeps 1 s between checks: uniform 0-1 s after the exit,
-        # so three jobs all under 0.3 s would happen by chance 2.7 % of the time.
-        latencies = [_latency(executor) for _ in range(3)]
+        assert prompt_local_waits()  # a second multirun under way in this process
+        restore_local_waits()  # ... ends: the first one still has the prompt wait
+        assert LocalJob.wait is not Job.wait
+        # submitit's own wait checks at 0, 1, 2 s after the submission: jobs that run
+        # 0, 1/3 and 2/3 s longer than each other end at three different points of that
+        # second, so with it at least one would be seen 0.33 s or more after its end.
+        latencies = [_latency(executor, k / 3) for k in range(3)]
         assert max(latencies) < 0.3, latencies
     finally:
         restore_local_waits()
     assert LocalJob.wait is Job.wait  # exactly submitit's again
-    restore_local_waits()  # a second undo changes nothing
+    restore_local_waits()  # one undo too many changes nothing
     assert LocalJob.wait is Job.wait
     assert POLL_S <= 0.05

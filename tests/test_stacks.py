@@ -232,6 +232,19 @@ def test_stop_dump_cut_short_by_a_second_signal(tmp_path: Path) -> None:
     assert ident not in dumps[0] and len(dumps[0]) == 1  # only the helper's first frame
     assert [f.function for f in main_thread_frames(dumps, ident)] == ["inner", "<module>"]
     assert where(main_thread_frames(dumps, ident) or []).startswith("inner (dumper.py:")
+    # faulthandler writes a line in many small writes: the cut can fall mid-line, and the
+    # second dump's first header is then glued to the partial line.
+    half = real[heads[0] + 1][:12]
+    glued = "".join(real[: heads[0] + 1]) + half + "".join(real[second:])
+    dumps = parse_dumps(glued)
+    assert len(dumps) == 2 and ident not in dumps[0], dumps
+    assert [f.function for f in main_thread_frames(dumps, ident)] == ["inner", "<module>"]
+    # Cut right after the main thread's header: that dump has it without frames.
+    main_head = next(i for i in heads[: len(heads) // 2] if f"{ident:#018x}" in real[i])
+    headless = "".join(real[: main_head + 1]) + "".join(real[second:])
+    dumps = parse_dumps(headless)
+    assert dumps[0][ident] == [], dumps
+    assert [f.function for f in main_thread_frames(dumps, ident)] == ["inner", "<module>"]
     # Killed inside the first dump: no dump reached the main thread, so nothing is
     # reported rather than the helper thread's frame.
     assert main_thread_frames(parse_dumps("".join(real[: heads[0] + 2])), ident) is None
