@@ -8,7 +8,8 @@ Launch overhead is paid once; what a long job feels is the step time. A small ML
 system; rank 0 times each optimizer step (forward, backward with the gradient all-reduce,
 update). Rounds run the systems in turn, every other round in reverse (A B C, C B A, ...).
 A difference can only come from the workers' environment: thread count, CPU affinity,
-start method (a fork of a warm server vs a fresh interpreter), the agent's monitoring. Target: ours within 2 % of torchrun.
+start method (a fork of a warm server vs a fresh interpreter), the agent's monitoring.
+Target: ours within 2 % of torchrun.
 """
 
 from __future__ import annotations
