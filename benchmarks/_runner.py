@@ -283,6 +283,8 @@ def run(
     if probe is not None:
         marks.update(probe(work, start))
     steps = _load(sorted(out.glob("steps_*.json")))
+    rank0: dict[str, Any] = steps[0] if steps else {}  # the steady-state body's record
+    nan = float("nan")
     shutil.rmtree(work, ignore_errors=True)
     return Run(
         wall=marks["gone"],
@@ -291,15 +293,15 @@ def run(
         rss_mb=max((t["maxrss_kib"] for t in tops), default=0) / 1024,
         leftovers=leftovers,
         marks=marks,
-        steps=steps[0]["step_s"] if steps else [],
-        threads=steps[0]["threads"] if steps else 0,
-        window_s=steps[0].get("window_s", float("nan")) if steps else float("nan"),
-        own_cpu_s=steps[0].get("own_cpu_s", float("nan")) if steps else float("nan"),
-        launcher_cpu_s=steps[0].get("launcher_cpu_s", float("nan")) if steps else float("nan"),
-        launcher_exited=steps[0].get("launcher_exited", 0) if steps else 0,
-        gc_s=steps[0].get("gc_s", float("nan")) if steps else float("nan"),
-        gc_full=steps[0].get("gc_collections", [0, 0, 0])[2] if steps else 0,
-        gc_tracked=steps[0].get("gc_tracked", 0) if steps else 0,
-        gc_frozen=steps[0].get("gc_frozen", 0) if steps else 0,
+        steps=rank0.get("step_s", []),
+        threads=rank0.get("threads", 0),
+        window_s=rank0.get("window_s", nan),
+        own_cpu_s=rank0.get("own_cpu_s", nan),
+        launcher_cpu_s=rank0.get("launcher_cpu_s", nan),
+        launcher_exited=rank0.get("launcher_exited", 0),
+        gc_s=rank0.get("gc_s", nan),
+        gc_full=rank0.get("gc_collections", [0, 0, 0])[2],
+        gc_tracked=rank0.get("gc_tracked", 0),
+        gc_frozen=rank0.get("gc_frozen", 0),
         jobs=jobs,
     )

@@ -190,7 +190,8 @@ print(threading.main_thread().ident)
 """
 
 
-def test_parse_two_appended_dumps(tmp_path: Path) -> None:
+def _real_dumps(tmp_path: Path) -> tuple[Path, str, int]:
+    """(the dumper script, the two dumps it wrote, its main thread's ident)."""
     script, dump = tmp_path / "dumper.py", tmp_path / "dump.txt"
     script.write_text(_DUMPER)
     ident = int(
@@ -198,7 +199,12 @@ def test_parse_two_appended_dumps(tmp_path: Path) -> None:
             [sys.executable, str(script), str(dump)], capture_output=True, text=True, check=True
         ).stdout
     )
-    dumps = parse_dumps(dump.read_text())
+    return script, dump.read_text(), ident
+
+
+def test_parse_two_appended_dumps(tmp_path: Path) -> None:
+    script, text, ident = _real_dumps(tmp_path)
+    dumps = parse_dumps(text)
     assert len(dumps) == 2
     for found in dumps:
         assert sorted(found) == sorted({ident, *found})  # the main thread is among them
@@ -216,14 +222,8 @@ def test_stop_dump_cut_short_by_a_second_signal(tmp_path: Path) -> None:
     """scancel: SLURM and the agent both send SIGTERM. faulthandler chains with
     SA_NODEFER, so the second starts a new dump inside the first (cut after the helper
     thread's first frame) and ends the process. The main thread is where it was."""
-    script, dump = tmp_path / "dumper.py", tmp_path / "dump.txt"
-    script.write_text(_DUMPER)
-    ident = int(
-        subprocess.run(
-            [sys.executable, str(script), str(dump)], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    real = dump.read_text().splitlines(keepends=True)
+    _, text, ident = _real_dumps(tmp_path)
+    real = text.splitlines(keepends=True)
     heads = [i for i, line in enumerate(real) if "(most recent call first)" in line]
     second = heads[len(heads) // 2]  # the second dump starts here
     cut = "".join(real[: heads[0] + 2]) + "".join(real[second:])
