@@ -73,16 +73,24 @@ class Attacker(threading.Thread):
         deadline = time.monotonic() + 120
         store = None
         while store is None and time.monotonic() < deadline:
+            # A plain connect probe every 5 ms: a TCPStore client that finds nothing
+            # retries for its whole timeout and then backs off for up to seconds more, long
+            # enough to miss a store that lives only a few seconds on a loaded machine.
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+            except OSError:
+                time.sleep(0.005)
+                continue
             try:
                 store = dist.TCPStore(  # type: ignore[attr-defined]
                     self.host,
                     self.port,
                     is_master=False,
-                    timeout=timedelta(seconds=2),
+                    timeout=timedelta(seconds=5),
                     wait_for_workers=False,
                 )
             except Exception:
-                time.sleep(0.01)
+                time.sleep(0.005)
         if store is None:
             self.error = TimeoutError("nothing listened")
             return
