@@ -144,6 +144,7 @@ class JobCoordinator:
         self._outcome: Optional[dict[str, Any]] = None  # this node's error, in its done beat
         self._abort_lock = threading.Lock()
         self._peers: dict[int, dict[str, Any]] = {}  # node 0: the last heartbeats read
+        self._lost: set[int] = set()  # node 0: peers its watchdog declared lost
         self._main_pid = os.getpid()
         self._on_abort: Optional[Callable[[TorchrunJobError], None]] = abort
 
@@ -354,7 +355,8 @@ class JobCoordinator:
             beats = self._read_beats()
             self._peers = beats
             missing = [n for n in range(self.nnodes) if not beats.get(n, {}).get("done")]
-            if not missing or time.monotonic() >= deadline:
+            # A peer already declared lost (its heartbeats stopped) will not say done.
+            if not set(missing) - self._lost or time.monotonic() >= deadline:
                 return missing
             time.sleep(_END_POLL_S)
 
@@ -442,6 +444,8 @@ class JobCoordinator:
             if self.is_server and beat_due:
                 lost = self._lost_peer(seen, now, now - started)
                 if lost is not None:
+                    if lost.node_rank is not None:
+                        self._lost.add(lost.node_rank)
                     with contextlib.suppress(Exception):
                         self.report_failure(lost)
                     self._abort(lost)

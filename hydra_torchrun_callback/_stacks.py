@@ -292,21 +292,28 @@ def dump_live_workers(
     sizes: dict[int, int] = {}
     while pending:
         time.sleep(0.05)
+        last = time.monotonic() > deadline
         for rank, (record, path, offset) in list(pending.items()):
             size = _size(path)
-            # A dump is written at once by the signal handler: once it stopped growing
-            # for one poll it is complete (it ends with the current thread's frames).
+            # The signal handler writes the dump in many small writes, the main thread
+            # last: it is complete once the main thread's frames are in and it stopped
+            # growing for one poll (a worker descheduled mid-dump also stops growing).
             if size > offset and sizes.get(rank) == size:
                 text = _read_from(path, offset)
                 dumps = parse_dumps(text)
-                frames = main_thread_frames(dumps, _ident(record)) or []
+                ident = _ident(record)
+                found = main_thread_frames(dumps, ident)
+                if not found and ident is not None and not last:
+                    sizes[rank] = size
+                    continue
+                frames = found or []
                 pid = int(record["pid"])
                 dump = RankDump(rank, int(record.get("local_rank", 0)), pid, text, frames)
                 done.append(dump)
                 _emit(record, log_block(text, rank, pid, why))
                 del pending[rank]
             sizes[rank] = size
-        if time.monotonic() > deadline:
+        if last:
             break
     return sorted(done, key=lambda d: d.rank), sorted(pending)
 

@@ -206,6 +206,27 @@ def failure_grace(monitor_interval: float) -> float:
     return min(1.0, monitor_interval + 0.1)
 
 
+#: The grace of a worker whose collective failed because a peer went away: the peer's
+#: death is the root cause, so it must be seen first even if the agent's monitor is
+#: starved for a few ticks on a loaded host.
+PEER_FAILURE_GRACE_S = 1.0
+
+
+def _grace(exc: BaseException) -> float:
+    try:
+        grace = float(os.environ.get(FAILURE_GRACE_ENV, "0"))
+    except ValueError:
+        grace = 0.0
+    dist = sys.modules.get("torch.distributed")
+    peer_error = getattr(dist, "DistError", None)
+    if isinstance(peer_error, type) and isinstance(exc, peer_error):
+        return max(grace, PEER_FAILURE_GRACE_S)
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text):
+        return max(grace, PEER_FAILURE_GRACE_S)
+    return grace
+
+
 def take_host_slot(environ: MutableMapping[str, str]) -> None:
     """Make LOCAL_RANK / LOCAL_WORLD_SIZE count the host's workers, as torchrun on the
     host would: with 2 tasks of 1 worker on a 2-GPU host, LOCAL_RANK is 0 and 1, so
@@ -369,8 +390,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
                 isinstance(exc, SystemExit) and exc.code in (0, None)
             ):  # a stop or a clean exit is nobody's root cause
                 _claim_first_failure(rank, exc)
-                with contextlib.suppress(ValueError):
-                    time.sleep(float(os.environ.get(FAILURE_GRACE_ENV, "0")))
+                time.sleep(_grace(exc))
             raise
         finally:
             for handler in logging.getLogger().handlers:

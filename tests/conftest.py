@@ -41,17 +41,39 @@ def processes_with_tag(tag: str) -> list[int]:
     return found
 
 
+def left_behind(tag: str, timeout: float = 15) -> list[int]:
+    """Processes still carrying ``tag`` after up to ``timeout`` s: exiting processes (a
+    forkserver and workers dying by their death signal, a SLURM step's tasks) take a
+    moment to be scheduled on a loaded machine; a real leftover lives on (the test apps
+    sleep for minutes)."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_with_tag(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def read_markers(job_dir: Path) -> list[dict[str, Any]]:
+    """The started markers written so far that parse (one may be half written)."""
+    found = []
+    for path in job_dir.glob("started_rank*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def wait_started(
     job_dir: Path, count: int, proc: subprocess.Popen[str], timeout: float = 120
 ) -> list[dict[str, Any]]:
     """Wait until ``count`` ranks wrote their started marker; return the markers."""
     deadline = time.monotonic() + timeout
-    while len(list(job_dir.glob("started_rank*.json"))) < count:
+    while len(read_markers(job_dir)) < count:
         assert proc.poll() is None, "the app ended before its workers started"
         assert time.monotonic() < deadline, "workers never started"
         time.sleep(0.1)
-    time.sleep(0.3)
-    return [json.loads(p.read_text()) for p in job_dir.glob("started_rank*.json")]
+    time.sleep(0.3)  # from its marker to its blocking call, a rank runs a few lines
+    return read_markers(job_dir)
 
 
 def app_env(**extra: str) -> dict[str, str]:

@@ -12,17 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from conftest import APPS, processes_with_tag, run_app
-
-
-def left_behind(tag: str, timeout: float = 15) -> list[int]:
-    """Processes still carrying ``tag`` after up to ``timeout`` s. On SLURM the client
-    returns once task 0's result is written, while the batch script, srun and the tasks
-    are still exiting (on the task's own CPUs only, with task/affinity): not leftovers."""
-    deadline = time.monotonic() + timeout
-    while (left := processes_with_tag(tag)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+from conftest import APPS, left_behind, read_markers, run_app
 
 
 def two_point_sweep(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> float:
@@ -137,11 +127,11 @@ def preempted_and_requeued(
     try:
         job_dir = out / "0"
         deadline = time.monotonic() + 120
-        while len(list(job_dir.glob("started_rank*.json"))) < 4:
+        while len(read_markers(job_dir)) < 4:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "workers never started"
             time.sleep(0.2)
-        agents = {json.loads(p.read_text())["agent_pid"] for p in job_dir.glob("started_rank*")}
+        agents = {m["agent_pid"] for m in read_markers(job_dir)}
         signal_job(agents)
         output, _ = proc.communicate(timeout=240)
     finally:
@@ -263,7 +253,7 @@ def stacks_on_two_nodes(
         assert "4/4 rank(s) dumped, 2/2 node(s) answered" in cli.stdout, cli.stdout
         assert "ranks 0-2: wait_for_data (hang_app.py:" in cli.stdout, cli.stdout
         assert "rank 3: wait_for_release (hang_app.py:" in cli.stdout, cli.stdout
-        assert answered < 10, answered
+        assert answered < 14, answered  # the CLI gives up at 15 s
         assert proc.poll() is None  # asking did not stop anything
         if stop is None:
             (job / "release").touch()

@@ -11,9 +11,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, app_env
 
 
+@pytest.mark.timeout(900)  # the run's own limit (600 s) is the one that should apply
 def test_launch_overhead_harness_quick(tmp_path) -> None:
     out = tmp_path / "results.md"
     proc = subprocess.run(

@@ -70,7 +70,7 @@ def test_root_cause_from_the_claiming_worker_when_its_agent_never_reports(
     start = time.monotonic()
     root = node0.root_cause(None, timeout=10, grace=0.5)
     waited = time.monotonic() - start
-    assert root is not None and waited < 3
+    assert root is not None and waited < 6  # the whole wait would be 10 s
     assert (root.rank, root.node_rank, root.exc_type) == (0, 0, "FloatingPointError")
     assert str(root).startswith(
         "torchrun worker rank 0 (local rank 0, node 0 on "
@@ -115,10 +115,11 @@ def test_coordination_is_linear_in_nodes() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from coordination_sim import simulate
 
-    small, large = (simulate(n, steady_s=2.0, peer_timeout=2.0) for n in (4, 16))
+    small, large = (simulate(n, steady_s=2.0, peer_timeout=3.0) for n in (4, 16))
     for result in (small, large):
         assert result["stopped_nodes"] == result["nodes"] - 1, result  # all but the lost one
-        assert result["all_stopped_after_s"] < 2.0 + 1.0 + 1.0, result
+        # peer_timeout + up to one 1 s beat + the others' next poll; twice it would fail
+        assert result["all_stopped_after_s"] < 3.0 + 2.5, result
         assert result["calls_per_node_per_s"] < 8, result
     assert large["calls_per_node_per_s"] < 1.5 * small["calls_per_node_per_s"]
 
@@ -142,7 +143,7 @@ def test_a_node_that_never_beats_is_lost_after_the_join_timeout() -> None:
         time.sleep(0.1)
     node0.stop_watchdog()
     assert reasons and "node 1 never joined the job's store within 2s" in str(reasons[0])
-    assert time.monotonic() - start < 2 + 2
+    assert time.monotonic() - start < 2 + 4  # not the 60 s default
     assert node0.failure() is not None  # published: every node that joins later stops
 
 

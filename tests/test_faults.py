@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, app_env, processes_with_tag, run_app, wait_started
+from conftest import APPS, app_env, left_behind, processes_with_tag, run_app, wait_started
 
 NPROC2 = "hydra.callbacks.torchrun.nproc_per_node=2"
 LOCAL2 = [
@@ -126,9 +126,8 @@ def test_4_node_loss_ends_other_nodes(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "multi" / "0" / "torchrun_summary.json").read_text())
     assert (summary["status"], summary["missing_nodes"]) == ("FAILED", [1])
     assert "stopped sending heartbeats" in summary["root_cause"]
-    assert elapsed < 60
-    time.sleep(1)
-    assert processes_with_tag(tag) == []  # the dead node's workers died with it
+    assert elapsed < 120  # ~25 s here; without detection the workers sleep 600 s
+    assert left_behind(tag) == []  # the dead node's workers died with it
     FAULT_TIMES["4 node's agent SIGKILLed -> other node ended (peer_timeout=10)"] = elapsed
 
 
@@ -155,8 +154,7 @@ def test_5_interrupt_stops_everything(tmp_path: Path, sig: signal.Signals) -> No
     # Ctrl-C reaches the workers too (one process group); SIGTERM goes to the Hydra process.
     state = "interrupted" if sig == signal.SIGINT else "stopped"
     assert [(r["rank"], r["status"]) for r in summary["ranks"]] == [(0, state), (1, state)]
-    time.sleep(0.5)
-    assert processes_with_tag(tag) == []  # orphans = 0
+    assert left_behind(tag) == []  # orphans = 0
     FAULT_TIMES[f"5 {sig.name} -> all processes gone"] = elapsed
 
 
@@ -181,6 +179,7 @@ def test_6_eight_single_runs_at_once(tmp_path: Path) -> None:
     assert len(run_ids) == 8 and len(ports) == 8
 
 
+@pytest.mark.timeout(900)  # the run's own limit (600 s) is the one that should apply
 def test_6_eight_point_sweep_of_two_node_jobs(tmp_path: Path) -> None:
     start = time.monotonic()
     run = run_app(
@@ -302,8 +301,7 @@ def test_2_sigkill_on_a_node_multinode(tmp_path: Path) -> None:
     assert run.proc.returncode == 1, run.output
     task0 = next(r for r in run.records if r["task"] == 0)
     assert "SIGKILL" in task0["error"] and "rank 3" in task0["error"]
-    time.sleep(1)
-    assert processes_with_tag(tag) == []
+    assert left_behind(tag) == []
 
 
 def test_2_sigkill_recovered_by_restart_multinode(tmp_path: Path) -> None:
@@ -360,6 +358,5 @@ def test_5_sigterm_to_a_multinode_job(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    time.sleep(1)
-    assert processes_with_tag(tag) == []
+    assert left_behind(tag) == []
     FAULT_TIMES["5 SIGTERM to both nodes -> all processes gone"] = elapsed

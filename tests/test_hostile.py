@@ -406,7 +406,7 @@ def test_foreign_store_on_the_fixed_port_of_a_two_node_job(tmp_path: Path) -> No
     assert "could not reach the job's rendezvous store" in errors[1], errors[1]
     assert "held by another job or program" in errors[1], errors[1]
     assert not list((run.out / "0").glob("rank*.json"))
-    assert elapsed < 30, elapsed
+    assert elapsed < 90, elapsed  # without the hello check: the 600 s join timeout
 
 
 def test_huge_exception_text_on_one_machine(tmp_path: Path) -> None:
@@ -422,7 +422,7 @@ def test_huge_exception_text_on_one_machine(tmp_path: Path) -> None:
 # -- what review found: replays, emptied keys, the rendezvous backend's edge cases ---------
 def _pair(peer_timeout: float = 5.0, **kw: Any) -> tuple[JobCoordinator, JobCoordinator]:
     job_id = _job_id_with_free_first_ports()
-    port = candidate_ports(f"job{job_id}")[0]
+    port = _free_port()  # the job's fixed port (master_port)
     secret = load_secret(os.environ)
     node0 = JobCoordinator(_placement(0, job_id, port), peer_timeout, secret, **kw)
     node1 = JobCoordinator(_placement(1, job_id, port), peer_timeout, secret)

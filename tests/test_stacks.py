@@ -93,7 +93,7 @@ def test_on_demand_then_on_sigterm(tmp_path: Path, start_method: str) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0, output
-    assert stopped_after < 15, stopped_after  # dumping adds no wait
+    assert stopped_after < 25, stopped_after  # dumping adds no wait (torch's close waits 30 s)
     logs = [(out / f"hang_app_rank{r}.log").read_text() for r in (0, 1)]
     for log in logs:
         assert ", on request," in log and ", when the job stopped it," in log, log

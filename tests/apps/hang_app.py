@@ -36,14 +36,18 @@ def main(cfg: DictConfig) -> None:
     # A second thread, as a data loader would have: dumps cover every thread.
     threading.Thread(target=prefetch_loop, args=(threading.Event(),), daemon=True).start()
     out = HydraConfig.get().runtime.output_dir
-    with open(os.path.join(out, f"started_rank{rank}.json"), "w") as f:
+    # Read the config first: once its marker exists, a rank goes straight to its block.
+    fail, sleeper, collective, hold = cfg.fail_rank, cfg.sleeper, cfg.collective, cfg.hold
+    marker = os.path.join(out, f"started_rank{rank}.json")
+    with open(marker + ".tmp", "w") as f:
         json.dump({"pid": import_probe.imported_by(), "agent_pid": agent_pid()}, f)
-    if rank == cfg.fail_rank:
+    os.replace(marker + ".tmp", marker)
+    if rank == fail:
         # Raises once the test creates <output dir>/release (after it looked around).
-        wait_for_release(os.path.join(out, "release"), cfg.hold)
+        wait_for_release(os.path.join(out, "release"), hold)
         raise RuntimeError(f"rank {rank}: data shard missing")
-    if rank == cfg.sleeper or not cfg.collective:
-        wait_for_data(cfg.hold)
+    if rank == sleeper or not collective:
+        wait_for_data(hold)
     else:
         dist.all_reduce(torch.ones(1))  # blocks: the sleeper never joins
 

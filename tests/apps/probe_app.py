@@ -52,8 +52,10 @@ def main(cfg: DictConfig) -> object:
         "host": socket.gethostname(),
         "cpus": sorted(os.sched_getaffinity(0)),
     }
-    with open(os.path.join(hc.runtime.output_dir, f"started_rank{rank}.json"), "w") as f:
+    marker = os.path.join(hc.runtime.output_dir, f"started_rank{rank}.json")
+    with open(marker + ".tmp", "w") as f:
         json.dump({"agent_pid": agent_pid(), "pid": os.getpid()}, f)
+    os.replace(marker + ".tmp", marker)
     if cfg.sleep_before:
         import time
 
