@@ -444,7 +444,7 @@ class JobCoordinator:
             if self.is_server and beat_due:
                 lost = self._lost_peer(seen, now, now - started)
                 if lost is not None:
-                    if lost.node_rank is not None:
+                    if lost.node_rank is not None and not self._stop.is_set():
                         self._lost.add(lost.node_rank)
                     with contextlib.suppress(Exception):
                         self.report_failure(lost)

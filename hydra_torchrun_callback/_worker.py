@@ -217,13 +217,19 @@ def _grace(exc: BaseException) -> float:
         grace = float(os.environ.get(FAILURE_GRACE_ENV, "0"))
     except ValueError:
         grace = 0.0
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return grace  # no peer
     dist = sys.modules.get("torch.distributed")
     peer_error = getattr(dist, "DistError", None)
     if isinstance(peer_error, type) and isinstance(exc, peer_error):
         return max(grace, PEER_FAILURE_GRACE_S)
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text):
-        return max(grace, PEER_FAILURE_GRACE_S)
+    if isinstance(exc, RuntimeError):
+        try:
+            text = str(exc)
+        except Exception:
+            return grace
+        if "gloo" in text or "NCCL" in text:
+            return max(grace, PEER_FAILURE_GRACE_S)
     return grace
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _coordinator(node: int, port: int) -> JobCoordinator:
+def _coordinator(node: int, port: int, peer_timeout: float = 5, **kw: Any) -> JobCoordinator:
     env = {
         "SUBMITIT_EXECUTOR": "local",
         "SUBMITIT_LOCAL_JOB_ID": "777",
@@ -30,7 +31,7 @@ def _coordinator(node: int, port: int) -> JobCoordinator:
         "SUBMITIT_LOCAL_NTASKS": "2",
     }
     placement = resolve_placement(parse_options({"master_port": port}), env, 1)
-    return JobCoordinator(placement, peer_timeout=5, secret=load_secret(os.environ))
+    return JobCoordinator(placement, peer_timeout, load_secret(os.environ), **kw)
 
 
 @pytest.fixture
@@ -103,6 +104,28 @@ def test_claimers_node_report_wins_over_the_claim(
     assert time.monotonic() - start < 2
     assert root is not None and (root.rank, root.exitcode) == (2, -9)
     assert "SIGKILL" in str(root)
+
+
+def test_node_0_does_not_wait_for_a_node_it_declared_lost() -> None:
+    """Node 1's heartbeats stop: node 0's watchdog declares it lost, and node 0's own end
+    (say done, wait for every node's done) does not wait ``peer_timeout`` again for it."""
+    reasons: list[Any] = []
+    port = _free_port()
+    node0 = _coordinator(0, port, peer_timeout=2.0, abort=reasons.append)
+    node1 = _coordinator(1, port)
+    node1.start_watchdog()
+    node0.start_watchdog()
+    time.sleep(2.5)  # node 0 has seen node 1 beat
+    node1.stop_watchdog()  # node 1's process is gone
+    start = time.monotonic()
+    while not reasons and time.monotonic() - start < 15:
+        time.sleep(0.1)
+    node0.stop_watchdog()
+    assert reasons and "node 1 stopped sending heartbeats" in str(reasons[0])
+    node0.mark_done(reasons[0])
+    start = time.monotonic()
+    assert node0.wait_all_done(timeout=10) == [1]  # still reported missing ...
+    assert time.monotonic() - start < 2  # ... without the 10 s wait
 
 
 def test_coordination_is_linear_in_nodes() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -58,10 +57,10 @@ def test_local_jobs_are_seen_ending_promptly(tmp_path: Path) -> None:
         assert LocalJob.wait is not Job.wait
         # submitit's own wait checks at 0, 1, 2 s after the submission: jobs that run
         # 0, 1/5, ... 4/5 s longer than each other end at five points 0.2 s apart in that
-        # second, so with it the median job would be seen 0.4 s or more after its end.
-        # The median, not the worst: one scheduling stall of this process is not a fault.
+        # second, so with it at least three would be seen 0.4 s or more after their end.
+        # Four of five, not all: one scheduling stall of this process is not a fault.
         latencies = [_latency(executor, k / 5) for k in range(5)]
-        assert statistics.median(latencies) < 0.25, latencies
+        assert sorted(latencies)[3] < 0.25, latencies
     finally:
         restore_local_waits()
     assert LocalJob.wait is Job.wait  # exactly submitit's again
