@@ -300,18 +300,15 @@ def dump_live_workers(
             # growing for one poll (a worker descheduled mid-dump also stops growing).
             if size > offset and sizes.get(rank) == size:
                 text = _read_from(path, offset)
-                dumps = parse_dumps(text)
                 ident = _ident(record)
-                found = main_thread_frames(dumps, ident)
-                if not found and ident is not None and not last:
-                    sizes[rank] = size
+                frames = main_thread_frames(parse_dumps(text), ident) or []
+                if frames or ident is None or last:
+                    pid = int(record["pid"])
+                    dump = RankDump(rank, int(record.get("local_rank", 0)), pid, text, frames)
+                    done.append(dump)
+                    _emit(record, log_block(text, rank, pid, why))
+                    del pending[rank]
                     continue
-                frames = found or []
-                pid = int(record["pid"])
-                dump = RankDump(rank, int(record.get("local_rank", 0)), pid, text, frames)
-                done.append(dump)
-                _emit(record, log_block(text, rank, pid, why))
-                del pending[rank]
             sizes[rank] = size
         if last:
             break

@@ -22,7 +22,7 @@ import pytest
 from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
 
 import multinode_scenarios as sc
-from conftest import app_env, run_app
+from conftest import app_env, left_behind, run_app
 
 SLURM = [
     "hydra/launcher=submitit_slurm",
@@ -255,7 +255,7 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert sc.left_behind(tag) == []
+    assert left_behind(tag) == []
     assert len(started) == 4
 
 
