@@ -147,6 +147,14 @@ def train(steps: int = 300, warmup: int = 20) -> float:
             )
         with open(os.path.join(out, f"steps_{os.getpid()}.json"), "w") as f:
             json.dump(record, f)
+    # Shut down the way torch's docs ask, so neither system's run dies in teardown: every
+    # rank is done communicating before any rank destroys the group, and nothing (DDP's
+    # reducer) still holds the gloo group when the interpreter finalizes. Without this, a
+    # bare-torchrun rank 1 once aborted at exit on a loaded CI machine ("terminate called
+    # without an active exception", SIGABRT) while rank 0 was still writing its record.
+    dist.barrier()
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
     return final
 
