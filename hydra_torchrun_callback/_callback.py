@@ -39,6 +39,22 @@ log = logging.getLogger("hydra_torchrun_callback")
 
 TARGET = "hydra_torchrun_callback.TorchrunCallback"
 
+#: ``0``: keep the agent in the Hydra process with ``start_method=forkserver`` (one more
+#: torch import per node; for debugging the agent with pdb). Default: in a fork of the
+#: warm server (see ``_agent_host``).
+AGENT_IN_SERVER_ENV = "HYDRA_TORCHRUN_AGENT_IN_SERVER"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOrigin:
+    """What the agent needs from the Hydra process itself, read there (the agent may run
+    in a fork of the warm server, which has neither the app's resolvers nor its
+    ``__main__``)."""
+
+    started: float  # when the job reached the callback (the summary's wall time)
+    resolvers: dict[str, bytes]  # custom OmegaConf resolvers, each pickled
+    main_module: Optional[tuple[str, str]]  # the app's __main__, for workers to import
+
 
 class JobReport:
     """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
@@ -116,6 +132,15 @@ def _forgery_note() -> str:
         f"Another process on the network wrote forged values into this job's store (keys "
         f"{keys}; rejected unread): it can disrupt a rendezvous. Keep the cluster network "
         "private or run the job again (README: threat model)."
+    )
+
+
+def _unpicklable(task_function: Any, exc: BaseException) -> TorchrunSetupError:
+    return TorchrunSetupError(
+        f"the task function {getattr(task_function, '__qualname__', task_function)!r}"
+        f" or its config cannot be pickled for the workers ({type(exc).__name__}: "
+        f"{exc}). Fix: keep locks, open files, sockets and other process-bound "
+        "objects out of the task's closure and config; create them inside the task."
     )
 
 
@@ -286,6 +311,51 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._support import require_supported
 
         require_supported()  # before importing torch: a missing torch gets its fix too
+        from hydra_torchrun_callback import _pickling
+        from hydra_torchrun_callback._worker import capture_resolvers, describe_main_module
+
+        # What only the Hydra process knows: its custom resolvers and __main__ module.
+        origin = JobOrigin(
+            started=time.time(),
+            resolvers=capture_resolvers(),
+            main_module=describe_main_module(sys.modules.get("__main__")),
+        )
+        if (
+            parse_options(self._job_options(config)).start_method == "forkserver"
+            and os.environ.get(AGENT_IN_SERVER_ENV, "1") != "0"
+        ):
+            # The agent runs in a fork of the warm server: this process never imports
+            # torch (see _agent_host). The job is pickled here, so that an unpicklable
+            # task fails before anything starts, with the same error as below.
+            from hydra_torchrun_callback._agent_host import run_in_warm_server
+            from hydra_torchrun_callback._launch import preemption_signal
+
+            try:
+                blob = _pickling.dumps((self, config, task_function, origin))
+            except Exception as exc:
+                raise _unpicklable(task_function, exc) from exc
+            data = run_in_warm_server(blob, config, adopt_output_dir, preemption_signal(os.environ))
+        else:
+            data = self._run_agent(config, task_function, origin)
+        if data is None:
+            return None
+
+        try:
+            return _pickling.loads(data)
+        except Exception as exc:
+            raise TorchrunSetupError(
+                f"rank 0's return value could not be unpickled in the Hydra process "
+                f"({type(exc).__name__}: {exc}). Fix: return plain data types."
+            ) from exc
+
+    def _run_agent(
+        self,
+        config: DictConfig,
+        task_function: Any,
+        origin: JobOrigin,
+        adopt: Callable[[DictConfig, str, str], bool] = adopt_output_dir,
+    ) -> Optional[bytes]:
+        """Place this node, start its agent and workers; rank 0's pickled value (node 0)."""
         from hydra_torchrun_callback._store import reset_rejections
 
         reset_rejections()  # each job logs (and names) the forgeries it saw itself
@@ -301,7 +371,7 @@ class TorchrunCallback(Callback):
         )
         from hydra_torchrun_callback._warm import overlaps_imports, start_warm
 
-        started = time.time()
+        started = origin.started
         opts = parse_options(self._job_options(config))
         task = detect_cluster(os.environ, opts.cluster)
         cpus = task_cpus(os.environ, usable_cpus(), task)
@@ -315,11 +385,7 @@ class TorchrunCallback(Callback):
 
         from hydra_torchrun_callback import _pickling
         from hydra_torchrun_callback._launch import launch
-        from hydra_torchrun_callback._worker import (
-            WorkerPayload,
-            capture_resolvers,
-            describe_main_module,
-        )
+        from hydra_torchrun_callback._worker import WorkerPayload
 
         # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
         # split among the job's tasks on it; CPUs from this task's affinity mask.
@@ -358,22 +424,17 @@ class TorchrunCallback(Callback):
                         config=config,
                         cwd=os.getcwd(),
                         started=started,
-                        resolvers=capture_resolvers(),
-                        main_module=describe_main_module(sys.modules.get("__main__")),
+                        resolvers=origin.resolvers,
+                        main_module=origin.main_module,
                     )
                 )
             except Exception as exc:
-                raise TorchrunSetupError(
-                    f"the task function {getattr(task_function, '__qualname__', task_function)!r}"
-                    f" or its config cannot be pickled for the workers ({type(exc).__name__}: "
-                    f"{exc}). Fix: keep locks, open files, sockets and other process-bound "
-                    "objects out of the task's closure and config; create them inside the task."
-                ) from exc
+                raise _unpicklable(task_function, exc) from exc
 
         def payload_in(job_dir: str) -> Optional[bytes]:
             """Node 0 decided the job's output dir (``${now:}`` resolved at another time
             here): take it, then pickle the job as it now is (None: kept our own)."""
-            return make_payload() if adopt_output_dir(config, output_dir, job_dir) else None
+            return make_payload() if adopt(config, output_dir, job_dir) else None
 
         payload = make_payload()
         log.info("%s", placement.describe())
@@ -397,15 +458,7 @@ class TorchrunCallback(Callback):
             if opts.summary and placement.node_rank == 0:
                 report.publish(output_dir)
             report.records.close()
-        if data is None:
-            return None
-        try:
-            return _pickling.loads(data)
-        except Exception as exc:
-            raise TorchrunSetupError(
-                f"rank 0's return value could not be unpickled in the Hydra process "
-                f"({type(exc).__name__}: {exc}). Fix: return plain data types."
-            ) from exc
+        return data
 
     @staticmethod
     def _heartbeat(

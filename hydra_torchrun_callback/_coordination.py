@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from hydra_torchrun_callback._placement import Placement
+from hydra_torchrun_callback._proc import stop_self
 from hydra_torchrun_callback._result import (
     TorchrunJobError,
     TorchrunSetupError,
@@ -145,7 +145,6 @@ class JobCoordinator:
         self._abort_lock = threading.Lock()
         self._peers: dict[int, dict[str, Any]] = {}  # node 0: the last heartbeats read
         self._lost: set[int] = set()  # node 0: peers its watchdog declared lost
-        self._main_pid = os.getpid()
         self._on_abort: Optional[Callable[[TorchrunJobError], None]] = abort
 
     @property
@@ -407,7 +406,7 @@ class JobCoordinator:
             if self._on_abort is not None:
                 self._on_abort(reason)
             else:
-                os.kill(self._main_pid, signal.SIGTERM)
+                stop_self(signal.SIGTERM)
 
     def _watch(self) -> None:
         last_beat = 0.0

@@ -26,7 +26,15 @@ from typing import Any, Optional
 from hydra_torchrun_callback._coordination import JobCoordinator
 from hydra_torchrun_callback._options import Options, StdSpec
 from hydra_torchrun_callback._placement import Placement, free_port
-from hydra_torchrun_callback._proc import alive, descendants, parent_of
+from hydra_torchrun_callback._proc import (
+    agent_host,
+    alive,
+    descendants,
+    job_pid,
+    parent_of,
+    stop_self,
+    worker_root,
+)
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
 from hydra_torchrun_callback._store import Signer, load_secret, rendezvous_signer
 from hydra_torchrun_callback._summary import NodeRecords
@@ -110,7 +118,9 @@ PREEMPT_GRACE_S = 30.0
 def _worker_pids() -> list[int]:
     """This process's live descendants that are workers (not mp's helpers)."""
     found = []
-    for pid in descendants(os.getpid()):
+    for pid in descendants(worker_root()):
+        if pid == os.getpid():
+            continue  # the agent itself, when it is a fork of the warm server
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
@@ -133,7 +143,7 @@ def recorded_workers(records: Optional[NodeRecords]) -> Callable[[], list[int]]:
         return _worker_pids
 
     def pids() -> list[int]:
-        ours = set(descendants(os.getpid()))
+        ours = set(descendants(worker_root()))
         return [int(r["pid"]) for r in records.live() if int(r["pid"]) in ours]
 
     return pids
@@ -144,11 +154,14 @@ def forward_preemption(
     sig: Optional[signal.Signals], workers: Callable[[], list[int]] = _worker_pids
 ) -> Iterator[None]:
     """Pass the preemption signal on to the workers, give them time to checkpoint,
-    then let the handler that was there (submitit's: checkpoint + requeue) run."""
+    then let the handler that was there (submitit's: checkpoint + requeue) run: in the
+    Hydra process, when the agent runs in a fork of the warm server."""
     if sig is None:
         yield
         return
     previous = signal.getsignal(sig)
+    host = agent_host()
+    then = host.preempted if host is not None else previous
 
     def handler(signum: int, frame: Any) -> None:
         pids = alive(workers())
@@ -159,11 +172,11 @@ def forward_preemption(
         deadline = time.monotonic() + PREEMPT_GRACE_S
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if callable(previous):
+        if callable(then):
             for pid in alive(pids):  # about to exit/requeue: leave nothing behind
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
-            previous(signum, frame)
+            then(signum, frame)
 
     try:
         signal.signal(sig, handler)
@@ -190,12 +203,17 @@ def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
     run on, unwatched, to the end of the job. The node then terminates itself the way
     scancel would (SIGTERM: the agent stops its workers, the job fails as stopped).
     """
-    controller = os.getppid()
-    launcher = parent_of(controller)
+    controller = parent_of(job_pid())
+    launcher = parent_of(controller) if controller else None
     cmd = b""
     with contextlib.suppress(OSError):
-        cmd = Path(f"/proc/{controller}/cmdline").read_bytes()
-    if env.get("SUBMITIT_EXECUTOR") != "local" or b"submitit.local" not in cmd or not launcher:
+        cmd = Path(f"/proc/{controller or 0}/cmdline").read_bytes()
+    if (
+        env.get("SUBMITIT_EXECUTOR") != "local"
+        or b"submitit.local" not in cmd
+        or not controller
+        or not launcher
+    ):
         yield
         return
     done = threading.Event()
@@ -208,7 +226,7 @@ def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
                     "stopping the node",
                     launcher,
                 )
-                os.kill(os.getpid(), signal.SIGTERM)
+                stop_self(signal.SIGTERM)
                 return
 
     watcher = threading.Thread(target=watch, name="torchrun-launcher-watch", daemon=True)

@@ -1,14 +1,76 @@
-"""Process-tree helpers read from /proc (Linux), shared by the agent and the sandbox."""
+"""Process-tree helpers read from /proc (Linux), shared by the agent and the sandbox,
+and where this node's processes are: the agent runs in the Hydra process, or (the
+default, see ``_agent_host``) in a fork of the warm server, beside the workers."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ["alive", "descendants", "die_with_parent", "parent_of"]
+__all__ = [
+    "AgentHost",
+    "agent_host",
+    "alive",
+    "descendants",
+    "die_with_parent",
+    "job_pid",
+    "parent_of",
+    "set_agent_host",
+    "stop_self",
+    "worker_root",
+]
+
+
+@dataclass(frozen=True)
+class AgentHost:
+    """Set in an agent that runs in a fork of the warm server (never in the Hydra process).
+
+    Its stop signals are blocked (scancel signals every process of the step, Ctrl-C the
+    whole process group: each must reach the agent once), so it stops itself through
+    ``stop``, which raises the signal in its main thread."""
+
+    hydra_pid: int  #: the Hydra job's process: signals and stack requests go there
+    server_pid: int  #: the warm server: the workers' parent, this agent's too
+    stop: Callable[[int], None]  #: raise a stop signal in the agent's main thread
+    preempted: Callable[[int, Any], None]  #: hand a preemption to the Hydra process
+
+
+_host: Optional[AgentHost] = None
+
+
+def set_agent_host(host: Optional[AgentHost]) -> None:
+    global _host
+    _host = host
+
+
+def agent_host() -> Optional[AgentHost]:
+    """The agent's host, when the agent runs in a fork of the warm server."""
+    return _host
+
+
+def job_pid() -> int:
+    """The Hydra job's process (the one users and launchers know and signal)."""
+    return _host.hydra_pid if _host is not None else os.getpid()
+
+
+def worker_root() -> int:
+    """The process whose descendants are this node's workers: this one, or the warm
+    server when the agent is its fork (the workers are then the agent's siblings)."""
+    return _host.server_pid if _host is not None else os.getpid()
+
+
+def stop_self(signum: int = signal.SIGTERM) -> None:
+    """Stop this node's agent as the signal would (its handler raises in the main thread)."""
+    if _host is not None:
+        _host.stop(signum)
+    else:
+        os.kill(os.getpid(), signum)
 
 
 def _state_and_parent(stat: Path) -> tuple[str, int]:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from hydra_torchrun_callback._files import write_text_atomic
-from hydra_torchrun_callback._proc import descendants
+from hydra_torchrun_callback._proc import descendants, job_pid, worker_root
 
 __all__ = [
     "STACKS_SIGNAL",
@@ -276,7 +276,7 @@ def dump_live_workers(
     Returns the dumps and the ranks that wrote none in time. Each dump is appended to
     the rank's log."""
     pending: dict[int, tuple[Mapping[str, Any], Path, int]] = {}
-    ours = set(descendants(os.getpid()))  # a recorded pid may have been reused since
+    ours = set(descendants(worker_root()))  # a recorded pid may have been reused since
     for record in live:
         if int(record["pid"]) not in ours:
             continue
@@ -380,7 +380,7 @@ class StackService:
         if self.node == 0:
             with contextlib.suppress(OSError):
                 self.dir.mkdir(exist_ok=True)
-                _write_json(self.dir / JOB_FILE, {**self.job, "pid": os.getpid()})
+                _write_json(self.dir / JOB_FILE, {**self.job, "pid": job_pid()})
         with contextlib.suppress(ValueError):  # not in the main thread: no signal
             self._previous = signal.signal(STACKS_SIGNAL, self._on_signal)
         self._thread.start()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -40,10 +41,12 @@ from hydra_torchrun_callback._proc import die_with_parent
 
 __all__ = [
     "PARENT_ENV",
+    "SHIELDED",
     "WARM_PRELOAD",
     "bind_to_parent",
     "no_main_reimport",
     "overlaps_imports",
+    "restore_signals",
     "start_warm",
 ]
 
@@ -64,6 +67,34 @@ WARM_PRELOAD = (
 )
 
 
+#: Signals the server ignores. SLURM delivers scancel's, a time limit's and the
+#: preemption warning's signals to every process of a step: the server, whose death
+#: SIGKILLs the agent and the workers (their death signal), must outlive them so the
+#: agent can stop its workers in order (stack dumps, summary) or hand a preemption on.
+#: It still dies with the Hydra process. Its forks put back what it had.
+SHIELDED = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+
+_before_shield: dict[int, Any] = {}
+
+
+def _shield() -> None:
+    for sig in SHIELDED:
+        _before_shield[sig] = signal.signal(sig, signal.SIG_IGN)
+
+
+def restore_signals() -> None:
+    """In a fork of the server (a worker, the agent): the signal dispositions the server
+    started with (what the Hydra process had: a signal it ignored stays ignored)."""
+    for sig, handler in _before_shield.items():
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _before_shield.clear()
+
+
 def bind_to_parent(environ: Any = os.environ) -> bool:
     """In the warm server (a direct child of the Hydra process that named itself in
     :data:`PARENT_ENV`): die by SIGKILL when the Hydra process dies. True if bound.
@@ -75,6 +106,7 @@ def bind_to_parent(environ: Any = os.environ) -> bool:
     if not parent.isdigit() or not die_with_parent(int(parent)):
         return False
     environ.pop(PARENT_ENV, None)  # its forks (the workers) are not the server
+    _shield()
     return True
 
 

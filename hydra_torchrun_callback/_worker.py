@@ -26,6 +26,7 @@ from hydra_torchrun_callback._proc import die_with_parent
 from hydra_torchrun_callback._result import to_cpu
 from hydra_torchrun_callback._stacks import arm_worker
 from hydra_torchrun_callback._summary import RECORDS_ENV, WorkerRecord
+from hydra_torchrun_callback._warm import restore_signals
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
@@ -378,6 +379,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     # if it (or the warm server) is SIGKILLed they would be orphaned, blocked in a
     # collective until a 30-minute timeout.
     die_with_parent(os.getppid())
+    restore_signals()  # a fork of the warm server: the signals it ignored act again
     atexit.register(_fast_exit)
     rank = int(os.environ["RANK"])
     adopt_agent_env(env or {})

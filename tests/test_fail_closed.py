@@ -20,6 +20,7 @@ STEPS = {
     "placement": ["launching the torchrun workers failed: RuntimeError: injected failure"],
     "pickle": ["cannot be pickled for the workers", "injected failure in pickle"],
     "launch": ["launching the torchrun workers failed: RuntimeError: injected failure"],
+    "agent": ["ended without a result (exit code 1)", "injected failure in agent"],
     "divert": ["failed while arming the task's call", "injected failure in divert"],
 }
 

@@ -188,6 +188,45 @@ def test_warm_server_is_single_threaded_and_never_imports_the_task(tmp_path: Pat
     _gone(tag, time.monotonic())
 
 
+def test_agent_killed_alone(tmp_path: Path) -> None:
+    """The warm start's agent runs in a fork of the server, beside its workers: if that
+    fork alone is SIGKILLed (the OOM killer's pick), its workers are no one's children
+    but the server's. The Hydra process fails the job, naming the agent's exit, and
+    ends them."""
+    tag = uuid.uuid4().hex
+    proc = _start(tmp_path, tag, "hydra.callbacks.torchrun.nproc_per_node=2")
+    try:
+        started = wait_started(tmp_path / "out", 2, proc)
+        workers = {s["pid"] for s in started}
+        (server,) = {_parent(pid) for pid in workers}
+        assert _parent(server) == proc.pid
+        agents = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and int(p.name) not in workers
+            and _parent_or_0(int(p.name)) == server
+        ]
+        assert len(agents) == 1, _describe(agents)
+        sent = time.monotonic()
+        os.kill(agents[0], signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "app.log").read_text()
+    assert proc.returncode == 1, output
+    assert f"agent's process (pid {agents[0]}) ended without a result (exit code -9)" in output
+    TIMES["agent killed alone"] = _gone(tag, sent)
+
+
+def _parent_or_0(pid: int) -> int:
+    try:
+        return _parent(pid)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import AppRun
+from conftest import AppRun, app_env
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3])
@@ -145,3 +145,38 @@ def test_run_as_module(tmp_path: Path) -> None:
         "rank0.a0.json",
         "rank1.a0.json",
     ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "in_hydra"),
+    [
+        ((), {}, False),  # the default: the agent runs in a fork of the warm server
+        (("hydra.callbacks.torchrun.start_method=spawn",), {}, True),
+        ((), {"HYDRA_TORCHRUN_AGENT_IN_SERVER": "0"}, True),  # the documented way back
+    ],
+    ids=["forkserver", "spawn", "agent-in-hydra-process"],
+)
+def test_where_torch_is_imported(app, overrides, env, in_hydra: bool) -> None:
+    """With the warm start the agent runs in a fork of the preloaded server, so the Hydra
+    process never imports torch (one import per node instead of two); the job is the same."""
+    run: AppRun = app("hydra.callbacks.torchrun.nproc_per_node=2", *overrides, env=app_env(**env))
+    assert run.proc.returncode == 0, run.output
+    [job] = run.records
+    assert job["status"] == "COMPLETED" and job["value"]["rank"] == 0
+    assert job["torch_imported"] is in_hydra
+    assert sorted(run.rank_files()) == ["rank0.a0.json", "rank1.a0.json"]
+    # The agent's log lines (placement, summary) still reach the job's log file.
+    log = (run.out / "probe_app.log").read_text()
+    assert "torchrun placement" in log
+
+
+def test_agent_log_records_follow_the_jobs_logging_config(app) -> None:
+    """The agent's records (sent from its process when it is a fork of the warm server)
+    are filtered as the job's logging config says: a logger it quiets stays quiet."""
+    run: AppRun = app(
+        "hydra.callbacks.torchrun.nproc_per_node=1",
+        "+hydra.job_logging.loggers.hydra_torchrun_callback.level=WARNING",
+    )
+    assert run.proc.returncode == 0, run.output
+    log = (run.out / "probe_app.log").read_text()
+    assert "torchrun placement" not in log and "torchrun job summary" not in log, log

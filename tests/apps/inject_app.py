@@ -35,12 +35,20 @@ def inject(step: str) -> None:
         real = _support.installed_versions
         _support.installed_versions = lambda *a, **k: {**real(*a, **k), "torch": None}
         sys.modules["torch"] = None  # type: ignore[assignment]  # import torch -> ImportError
-    elif step == "placement":
+    elif step == "placement":  # runs in the Hydra process when the agent does
+        os.environ["HYDRA_TORCHRUN_AGENT_IN_SERVER"] = "0"
         _placement.resolve_placement = _boom(step)
     elif step == "pickle":
         _pickling.dumps = _boom(step)
     elif step == "launch":
+        os.environ["HYDRA_TORCHRUN_AGENT_IN_SERVER"] = "0"
         _launch.launch = _boom(step)
+    elif step == "agent":  # the agent's process (a fork of the warm server) dies at start
+        from inject_child import crash
+
+        from hydra_torchrun_callback import _agent_host
+
+        _agent_host._child = crash  # type: ignore[assignment]
     elif step == "divert":  # arming the task's call itself fails
         _callback.divert = _boom(step)
     else:

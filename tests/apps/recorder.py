@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -23,6 +24,7 @@ class Recorder(Callback):
         self.path = path
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        torch_imported = "torch" in sys.modules  # before this callback imports it
         try:
             import torch.distributed as dist
         except ImportError:  # the torch-less compat cells
@@ -41,6 +43,7 @@ class Recorder(Callback):
             if isinstance(value, BaseException)
             else None,
             "hydra_pid": os.getpid(),
+            "torch_imported": torch_imported,
             "leaked_env": {k: os.environ.get(k) for k in LEAK_KEYS},
             "pg_initialized": dist is not None and dist.is_available() and dist.is_initialized(),
             "output_dir": config.hydra.runtime.output_dir,
