@@ -282,7 +282,7 @@ def run_in_warm_server(
     adopt: Callable[[Any, str, str], bool],
     preemption: Optional[signal.Signals],
 ) -> Optional[bytes]:
-    """In the Hydra process: run the pickled ``(callback, config, task)``'s
+    """In the Hydra process: run the pickled ``(callback, config, task, origin)``'s
     ``callback._run_agent`` in a fork of the warm server; return what it returned
     (rank 0's pickled value) or raise what it raised."""
     import multiprocessing

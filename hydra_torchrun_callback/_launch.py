@@ -116,7 +116,8 @@ PREEMPT_GRACE_S = 30.0
 
 
 def _worker_pids() -> list[int]:
-    """This process's live descendants that are workers (not mp's helpers)."""
+    """The node's live worker processes found by a scan (not mp's helpers): this
+    process's descendants, or the warm server's when the agent is its fork."""
     found = []
     for pid in descendants(worker_root()):
         if pid == os.getpid():
