@@ -43,8 +43,6 @@ from typing import Any, Optional
 
 __all__ = ["STOP_SIGNALS", "run_in_warm_server"]
 
-log = logging.getLogger(__name__)
-
 #: What the parent forwards to the agent and the agent blocks (delivered once).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 

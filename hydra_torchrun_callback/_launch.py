@@ -119,9 +119,7 @@ def _worker_pids() -> list[int]:
     """The node's live worker processes found by a scan (not mp's helpers): this
     process's descendants, or the warm server's when the agent is its fork."""
     found = []
-    for pid in descendants(worker_root()):
-        if pid == os.getpid():
-            continue  # the agent itself, when it is a fork of the warm server
+    for pid in descendants(worker_root()):  # the agent's fork runs "forkserver" too
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
@@ -208,13 +206,9 @@ def follow_local_launcher(env: Mapping[str, str]) -> Iterator[None]:
     launcher = parent_of(controller) if controller else None
     cmd = b""
     with contextlib.suppress(OSError):
-        cmd = Path(f"/proc/{controller or 0}/cmdline").read_bytes()
-    if (
-        env.get("SUBMITIT_EXECUTOR") != "local"
-        or b"submitit.local" not in cmd
-        or not controller
-        or not launcher
-    ):
+        cmd = Path(f"/proc/{controller}/cmdline").read_bytes()
+    local = env.get("SUBMITIT_EXECUTOR") == "local" and b"submitit.local" in cmd
+    if not local or not controller or not launcher:
         yield
         return
     done = threading.Event()
