@@ -25,6 +25,7 @@ __all__ = [
     "node_index",
     "prepare_multirun",
     "prepare_run",
+    "register_resolvers",
 ]
 
 #: Hydra's default job log file; only this one is renamed per node (a user's own
@@ -65,8 +66,20 @@ def _node_suffix() -> str:
     return f"_node{node}" if node else ""
 
 
-OmegaConf.register_new_resolver(NODE0_ONLY, _node0_only, replace=True)
-OmegaConf.register_new_resolver(NODE_SUFFIX, _node_suffix, replace=True)
+def register_resolvers() -> None:
+    """Register this module's two resolvers, if missing; cheap, so it runs wherever they
+    may be needed. Registering once at import is not enough: Hydra's
+    ``Singleton.set_state`` (its test fixtures, its launchers' job processes) replaces
+    OmegaConf's resolver table with one captured earlier, perhaps before this import,
+    while the module stays imported. Called at import, by the plugin entry (Hydra
+    re-runs it at every plugin scan), and by the callback before it adds the overrides
+    that use them: a launcher captures the table after that, for its jobs."""
+    for name, resolver in ((NODE0_ONLY, _node0_only), (NODE_SUFFIX, _node_suffix)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()
 
 
 def _default_log_file(handler: Any) -> bool:
@@ -98,6 +111,7 @@ def prepare_multirun(config: DictConfig) -> None:
     from the sweep's ``hydra.overrides.hydra`` (submitit does it on each node), so two
     overrides there make every node's job write only its own files. Under submitit_slurm,
     srun steps also inherit ``cpus_per_task``."""
+    register_resolvers()  # before the launcher captures Hydra's state for its jobs
     hydra = config.hydra
     with read_write(hydra.overrides), open_dict(hydra.overrides):
         known = set(OmegaConf.to_container(hydra.overrides.hydra, resolve=False) or [])
@@ -116,6 +130,7 @@ def prepare_multirun(config: DictConfig) -> None:
 def prepare_run(config: DictConfig) -> None:
     """Single run (plain ``srun``): ``on_run_start`` gets the config Hydra is about to run
     the job with; on node k, no ``.hydra/`` and the log goes to ``<job>_node<k>.log``."""
+    register_resolvers()
     node = node_index()
     if node == 0:
         return
