@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
-from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
+from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._per_node import (
     adopt_output_dir,
     prepare_multirun,
@@ -206,7 +206,7 @@ class TorchrunCallback(Callback):
 
     def __init__(self, **options: Any) -> None:
         # Fail at app start on options that can never work (unknown name, bad value).
-        self._warm = parse_options(options).start_method == "forkserver"
+        self._warm = options_here(options).start_method == "forkserver"
         self._options = options
         self._diversion: Optional[Diversion] = None
 
@@ -244,7 +244,7 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._placement import detect_cluster, task_cpus, usable_cpus
 
         try:
-            task = detect_cluster(os.environ, parse_options(self._options).cluster)
+            task = detect_cluster(os.environ, options_here(self._options).cluster)
         except Exception:  # e.g. a cluster variable missing: the job itself will say so
             return
         from hydra_torchrun_callback._warm import overlaps_imports, start_warm
@@ -321,7 +321,7 @@ class TorchrunCallback(Callback):
             main_module=describe_main_module(sys.modules.get("__main__")),
         )
         if (
-            parse_options(self._job_options(config)).start_method == "forkserver"
+            options_here(self._job_options(config)).start_method == "forkserver"
             and os.environ.get(AGENT_IN_SERVER_ENV, "1") != "0"
         ):
             # The agent runs in a fork of the warm server: this process never imports
@@ -372,7 +372,7 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._warm import overlaps_imports, start_warm
 
         started = origin.started
-        opts = parse_options(self._job_options(config))
+        opts = options_here(self._job_options(config))
         task = detect_cluster(os.environ, opts.cluster)
         cpus = task_cpus(os.environ, usable_cpus(), task)
         warm = opts.start_method == "forkserver"

@@ -18,48 +18,73 @@ class TorchrunConf:
 
     _target_: str = "hydra_torchrun_callback.TorchrunCallback"
 
+    # Every torchrun option, under torchrun's name and meaning. Unset (null): the variable
+    # PET_<NAME> if set (as torchrun reads it), else the default named in the comment.
+    # README "torchrun options" lists where our defaults differ from torchrun's, and why.
+
     # Number of nodes: "N" or "MIN:MAX" (elastic). Under SLURM/submitit: the job's node count.
     nnodes: Optional[str] = None
     # Workers per node: an int, "auto" (torchrun's: accelerators, else CPU cores), "gpu", "cpu".
     # Unset: one per visible GPU, one when there is none (never one per CPU core).
     nproc_per_node: Optional[str] = None
-    # Rendezvous backend: "c10d" (default), "static", "etcd", "etcd-v2".
-    rdzv_backend: str = "c10d"
+    # Rendezvous backend: "c10d" (unset), "static", "etcd", "etcd-v2".
+    rdzv_backend: Optional[str] = None
     # host[:port] of the rendezvous store. Unset on one machine: a free local port.
-    rdzv_endpoint: str = ""
+    rdzv_endpoint: Optional[str] = None
     # Rendezvous id shared by the nodes of one job. Unset: unique per job.
     rdzv_id: Optional[str] = None
     # Extra rendezvous settings: "key=value,key2=value2" or a mapping (e.g. {timeout: 120}).
-    rdzv_conf: Any = ""
+    rdzv_conf: Any = None
     # Force a single-node rendezvous on a free localhost port (the default on one machine).
-    standalone: bool = False
-    # Restarts of the whole worker group after a failure before the job fails.
-    max_restarts: int = 0
-    # Seconds between the agent's checks of its workers (torchrun's default 0.1).
-    monitor_interval: float = 0.1
-    # How workers start: "forkserver" (warm: forks of a server that preloaded torch and
-    # Hydra, CUDA-safe), "spawn" (a fresh interpreter each, torchrun's default), "fork".
-    start_method: str = "forkserver"
-    # Worker role name (ROLE_RANK / ROLE_WORLD_SIZE are counted per role).
-    role: str = "default"
+    standalone: Optional[bool] = None
+    # Restarts of the whole worker group after a failure before the job fails (unset: 0).
+    max_restarts: Optional[int] = None
+    # Seconds between the agent's checks of its workers (unset: 0.1).
+    monitor_interval: Optional[float] = None
+    # How workers start: "forkserver" (unset; warm: forks of a server that preloaded torch
+    # and Hydra, CUDA-safe), "spawn" (a fresh interpreter each, torchrun's default), "fork".
+    start_method: Optional[str] = None
+    # Worker role name (ROLE_RANK / ROLE_WORLD_SIZE are counted per role; unset: "default").
+    role: Optional[str] = None
     # Where torchrun writes per-attempt, per-rank stdout/stderr/error files. Unset: a private
-    # temporary folder, removed after the job.
+    # temporary folder, removed after the job (redirected output is copied to the job log).
     log_dir: Optional[str] = None
-    # Redirect worker stdout/stderr to files in log_dir: 0 none, 1 out, 2 err, 3 both; or per
-    # local rank "0:1,1:2".
-    redirects: str = "0"
+    # Redirect worker stdout/stderr to files in log_dir: 0 none (unset), 1 out, 2 err, 3 both;
+    # or per local rank "0:1,1:2".
+    redirects: Optional[str] = None
     # Like redirects, but also keep printing to the console.
-    tee: str = "0"
-    # Only show these local ranks' console output, e.g. "0" or "0,1". Empty: all.
-    local_ranks_filter: str = ""
+    tee: Optional[str] = None
+    # Only show these local ranks' console output, e.g. "0" or "0,1". Unset: all.
+    local_ranks_filter: Optional[str] = None
     # Rank of this node (static backend / manual multi-node). Unset: 0, or from SLURM.
     node_rank: Optional[int] = None
     # Master address for the static backend. Unset: 127.0.0.1, or the job's first node.
     master_addr: Optional[str] = None
-    # Master port for the static backend / the rendezvous port. Unset: free or job-derived.
+    # The static backend's port (workers' MASTER_PORT); on one machine with c10d the
+    # rendezvous port; under SLURM/submitit the job store's port. Unset: free or job-derived.
     master_port: Optional[int] = None
     # Address this node advertises to the others (bind to the cluster interface).
     local_addr: Optional[str] = None
+    # A LogsSpecs class registered under the "torchrun.logs_specs" entry point. Unset: torch's.
+    logs_specs: Optional[str] = None
+    # torchelastic events handler (torch.distributed.elastic.events), e.g. "console".
+    # Unset: "null".
+    event_log_handler: Optional[str] = None
+    # Lines of worker stdout / stderr containing any of these strings are also written to
+    # filtered_stdout.log / filtered_stderr.log in log_dir, e.g. [error, warn].
+    duplicate_stdout_filters: Optional[list[str]] = None
+    duplicate_stderr_filters: Optional[list[str]] = None
+    # Bind each worker to its GPU's NUMA node: "node", "socket", "exclusive",
+    # "core-complex" (the installed torch's choices). Unset: no binding.
+    numa_binding: Optional[str] = None
+    # Signals the agent passes on to the workers (exported as TORCHELASTIC_SIGNALS_TO_HANDLE).
+    # Unset: "SIGTERM,SIGINT,SIGHUP,SIGQUIT".
+    signals_to_handle: Optional[str] = None
+    # Seconds workers get between SIGTERM and SIGKILL when stopped (unset: torch's
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30).
+    shutdown_timeout: Optional[int] = None
+    # Every worker sees its device as local rank 0 (LOCAL_RANK=0, one GPU visible each).
+    virtual_local_rank: Optional[bool] = None
     # Multi-node detection: "auto" (a submitit task or an srun step with several tasks),
     # "none" (always one machine), "slurm" or "submitit" (require it, fail if absent).
     cluster: str = "auto"
@@ -120,6 +145,15 @@ class TorchrunLauncherConf:
     local_addr: Optional[str] = None
     training_script: str = ""
     training_script_args: list[str] = field(default_factory=list)
+    # torchrun's newer options (see TorchrunConf).
+    logs_specs: Optional[str] = None
+    event_log_handler: Optional[str] = None
+    duplicate_stdout_filters: Optional[list[str]] = None
+    duplicate_stderr_filters: Optional[list[str]] = None
+    numa_binding: Optional[str] = None
+    signals_to_handle: Optional[str] = None
+    shutdown_timeout: Optional[int] = None
+    virtual_local_rank: Optional[bool] = None
     # This package's own options (see TorchrunConf).
     local_ranks_filter: str = ""
     cluster: str = "auto"

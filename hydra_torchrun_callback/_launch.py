@@ -245,11 +245,30 @@ def _port_race(exc: BaseException) -> bool:
     return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
-def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
+#: torchrun's environment variable for the workers' output line prefix (``[${rank}]:``).
+LOG_PREFIX_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+
+
+def _logs_specs_class(name: Optional[str]) -> Any:
+    """torchrun's ``--logs-specs``: a class from the ``torchrun.logs_specs`` entry points."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+
+    if name is None:
+        return DefaultLogsSpecs
+    from importlib import metadata
+
+    return metadata.entry_points(group="torchrun.logs_specs")[name].load()
+
+
+def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
+    """torch's ``LaunchConfig`` from the options, as torchrun's ``config_from_args`` builds
+    it; the options torch gained after our floor only where the installed torch has them
+    (setting one on an older torch is refused earlier, by ``check_torch_supports``)."""
+    import dataclasses
+
     from torch.distributed.launcher.api import LaunchConfig
 
-    logs_specs = DefaultLogsSpecs(
+    logs_specs = _logs_specs_class(opts.logs_specs)(
         log_dir=log_dir,
         redirects=_std(opts.redirects),
         tee=_std(opts.tee),
@@ -259,6 +278,20 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
 
     # c10d's state (a pickle torch reads from the store) goes through the signed backend.
     backend = BACKEND_NAME if placement.rdzv_backend == "c10d" else placement.rdzv_backend
+    newer: dict[str, Any] = {
+        "log_line_prefix_template": os.environ.get(LOG_PREFIX_ENV),
+        "event_log_handler": opts.event_log_handler,
+        "signals_to_handle": opts.signals_to_handle,
+        "duplicate_stdout_filters": list(opts.duplicate_stdout_filters) or None,
+        "duplicate_stderr_filters": list(opts.duplicate_stderr_filters) or None,
+        "virtual_local_rank": opts.virtual_local_rank,
+        "shutdown_timeout": opts.shutdown_timeout,
+    }
+    if opts.numa_binding is not None:
+        from torch.numa.binding import AffinityMode, NumaOptions
+
+        newer["numa_options"] = NumaOptions(affinity_mode=AffinityMode(opts.numa_binding))
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
     return LaunchConfig(
         min_nodes=placement.min_nodes,
         max_nodes=placement.max_nodes,
@@ -273,6 +306,7 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
         monitor_interval=opts.monitor_interval,
         start_method=opts.start_method,
         local_addr=placement.local_addr,
+        **{k: v for k, v in newer.items() if k in known},
     )
 
 
@@ -335,6 +369,10 @@ def launch(
                     threads = placement.plan.threads if placement.plan else 1
                     os.environ["OMP_NUM_THREADS"] = str(threads)
                 config = _launch_config(opts, placement, log_dir)
+                if hasattr(config, "signals_to_handle"):
+                    # launch_agent exports it to its own environment only after the
+                    # workers' environment was taken from it (below): set it first.
+                    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
                 if records is not None:
                     os.environ.update(records.env)
                 if coord is not None:
@@ -346,7 +384,8 @@ def launch(
                     try:
                         agent_env = dict(os.environ)
                         agent_env[FAILURE_GRACE_ENV] = str(failure_grace(opts.monitor_interval))
-                        if placement.plan is not None:  # where its workers sit on the host
+                        if placement.plan is not None and not opts.virtual_local_rank:
+                            # Where its workers sit on the host (virtual: each sees rank 0).
                             agent_env[LOCAL_SLOT_ENV] = (
                                 f"{placement.plan.local_offset}:{placement.plan.local_world_size}"
                             )

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._callback import TARGET, TorchrunCallback
-from hydra_torchrun_callback._options import TorchrunOptionError, parse_options
+from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunSetupError
 
 __all__ = ["LAUNCHER_PREFIX", "launch_jobs", "launcher_options"]
@@ -77,7 +77,7 @@ def launcher_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     if opts.get("monitor_interval") is None:
         opts.pop("monitor_interval", None)
     try:
-        parse_options(opts)
+        options_here(opts)
     except TorchrunOptionError as err:
         raise err.under(LAUNCHER_PREFIX) from None
     return opts

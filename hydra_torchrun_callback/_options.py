@@ -10,15 +10,69 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
 
 from hydra_torchrun_callback._config import OPTION_NAMES
 
-__all__ = ["Options", "TorchrunOptionError", "parse_options"]
+__all__ = [
+    "ENV_OPTIONS",
+    "Options",
+    "TorchrunOptionError",
+    "environment_options",
+    "options_here",
+    "parse_options",
+]
 
 PREFIX = "hydra.callbacks.torchrun"
 START_METHODS = ("forkserver", "spawn", "fork")
+NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
+DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
+#: The options torchrun reads from ``PET_<NAME>`` when its flag is absent (torch's
+#: ``argparse_util.env`` / ``check_env``): all but ``logs_specs`` and ``numa_binding``.
+#: The flags (``check_env``) read the variable as an integer.
+ENV_OPTIONS: tuple[str, ...] = (
+    "nnodes",
+    "nproc_per_node",
+    "rdzv_backend",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "rdzv_conf",
+    "standalone",
+    "max_restarts",
+    "monitor_interval",
+    "start_method",
+    "event_log_handler",
+    "role",
+    "log_dir",
+    "redirects",
+    "tee",
+    "local_ranks_filter",
+    "duplicate_stdout_filters",
+    "duplicate_stderr_filters",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "local_addr",
+    "signals_to_handle",
+    "shutdown_timeout",
+    "virtual_local_rank",
+)
+_ENV_FLAGS = ("standalone", "virtual_local_rank")
+
+#: Options that torch's programmatic layer (``LaunchConfig``) gained after our torch
+#: floor: option -> first torch release that has it. Setting one on an older torch is
+#: refused with the installed version; leaving it unset works on any supported torch.
+TORCH_SINCE: dict[str, str] = {
+    "event_log_handler": "2.8.0",
+    "numa_binding": "2.9.0",
+    "signals_to_handle": "2.10.0",
+    "duplicate_stdout_filters": "2.10.0",
+    "duplicate_stderr_filters": "2.10.0",
+    "virtual_local_rank": "2.10.0",
+    "shutdown_timeout": "2.12.0",
+}
 RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
 CLUSTER_MODES = ("auto", "none", "slurm", "submitit")
 NPROC_WORDS = ("auto", "gpu", "cpu")
@@ -60,6 +114,20 @@ class TorchrunOptionError(ValueError):
             self.option, self.value, moved(accepted), example, fix and moved(fix), prefix
         )
 
+    def from_environment(self, variable: str) -> TorchrunOptionError:
+        """The same error, naming the ``PET_*`` variable the value came from."""
+        accepted, example, _, prefix = self._parts
+        return TorchrunOptionError(
+            self.option,
+            self.value,
+            f"{accepted} (read from the environment variable {variable}={self.value!r}, "
+            f"as torchrun reads it when {prefix}.{self.option} is unset)",
+            example,
+            fix=f"unset {variable}, or set {prefix}.{self.option} "
+            + (f"(e.g. {prefix}.{self.option}={example})" if example else "yourself"),
+            prefix=prefix,
+        )
+
     def __reduce__(self) -> Any:  # travels intact in a JobReturn (submitit pickles it)
         return (TorchrunOptionError, (self.option, self.value, *self._parts))
 
@@ -92,6 +160,117 @@ class Options:
     peer_timeout: float = 20.0
     summary: bool = True
     heartbeat_interval: float = 0.0
+    logs_specs: Optional[str] = None
+    event_log_handler: str = "null"
+    duplicate_stdout_filters: tuple[str, ...] = ()
+    duplicate_stderr_filters: tuple[str, ...] = ()
+    numa_binding: Optional[str] = None
+    signals_to_handle: str = DEFAULT_SIGNALS
+    shutdown_timeout: Optional[int] = None
+    virtual_local_rank: bool = False
+    #: Options whose value came from a ``PET_*`` variable: option -> variable name.
+    from_env: tuple[tuple[str, str], ...] = ()
+
+    def source(self, option: str) -> str:
+        """Where the option's value was set, for messages: the variable or the option."""
+        return dict(self.from_env).get(option, f"{PREFIX}.{option}")
+
+
+def environment_options(
+    raw: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """torchrun's ``PET_<NAME>`` variables for the options left unset (None or absent),
+    as torchrun reads them when a flag is absent: the user's config and overrides win
+    over ``PET_*``, which wins over this package's own defaults. Returns the options
+    and which of them came from which variable."""
+    merged = dict(raw)
+    taken: dict[str, str] = {}
+    for option in ENV_OPTIONS:
+        variable = "PET_" + option.upper()
+        if merged.get(option) is not None or variable not in env:
+            continue
+        value: Any = env[variable]
+        if option in _ENV_FLAGS:
+            try:
+                value = bool(int(value))
+            except ValueError:
+                raise TorchrunOptionError(
+                    option, value, "expected 0 or 1 (torchrun reads flags as integers)", "1"
+                ).from_environment(variable) from None
+        merged[option] = value
+        taken[option] = variable
+    return merged, taken
+
+
+def _comma_list(option: str, value: Any) -> tuple[str, ...]:
+    """torchrun's ``comma_separated_list``: ``"a,b"`` (``,,`` is a literal comma) or a list."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(v.replace("\0", ",") for v in value.replace(",,", "\0").split(","))
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TorchrunOptionError(
+        option, value, "expected a list of strings such as [error, warn]", "[error]"
+    )
+
+
+def _signals(value: Any) -> str:
+    import signal as _signal
+
+    text = str(value).strip()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not isinstance(getattr(_signal, n, None), _signal.Signals)]
+    if not names or bad:
+        raise TorchrunOptionError(
+            "signals_to_handle",
+            value,
+            "expected comma-separated signal names such as SIGTERM,SIGINT,SIGUSR1"
+            + (f" ({', '.join(bad)} is not a signal here)" if bad else ""),
+            DEFAULT_SIGNALS,
+        )
+    return ",".join(names)
+
+
+def _logs_specs(value: Any) -> Optional[str]:
+    """The name of a ``torchrun.logs_specs`` entry point, checked without importing it."""
+    if value in (None, ""):
+        return None
+    from importlib import metadata
+
+    name = str(value)
+    found = sorted({ep.name for ep in metadata.entry_points(group="torchrun.logs_specs")})
+    if name not in found:
+        raise TorchrunOptionError(
+            "logs_specs",
+            value,
+            "expected the name of an entry point in the 'torchrun.logs_specs' group "
+            f"(installed: {', '.join(found) or 'none'})",
+            found[0] if found else "my_logs_specs",
+            fix="install the package that registers it, or leave logs_specs unset",
+        )
+    return name
+
+
+def check_torch_supports(opts: Options, torch_version: Optional[str]) -> None:
+    """Refuse an option the installed torch's ``LaunchConfig`` lacks (unset ones pass)."""
+    from hydra_torchrun_callback._support import _parse
+
+    if torch_version is None:
+        return
+    defaults = Options.__dataclass_fields__
+    for option, since in TORCH_SINCE.items():
+        if getattr(opts, option) == defaults[option].default:
+            continue
+        if _parse(torch_version) < _parse(since):
+            raise TorchrunOptionError(
+                option,
+                getattr(opts, option),
+                f"torch {torch_version} is installed and its torchrun has no {option} "
+                f"(it came in torch {since})",
+                "",
+                fix=f"pip install 'torch>={since}', or leave {PREFIX}.{option} unset",
+            )
 
 
 def _int(option: str, value: Any, minimum: int, example: str) -> int:
@@ -168,8 +347,38 @@ def _parse_port(value: Any) -> Optional[int]:
     return port
 
 
-def parse_options(raw: Mapping[str, Any]) -> Options:
-    """Check every option; raise on the first one that cannot work."""
+def parse_options(
+    raw: Mapping[str, Any],
+    env: Optional[Mapping[str, str]] = None,
+    torch_version: Optional[str] = None,
+) -> Options:
+    """Check every option; raise on the first one that cannot work.
+
+    ``env``: the environment whose ``PET_*`` variables fill the options left unset (as
+    torchrun does); None reads none. ``torch_version``: the installed torch, to refuse
+    options it lacks (None: not checked)."""
+    merged, taken = environment_options(raw, env) if env is not None else (dict(raw), {})
+    try:
+        opts = _parse_options(merged)
+    except TorchrunOptionError as err:
+        if err.option in taken:
+            raise err.from_environment(taken[err.option]) from None
+        raise
+    opts = replace(opts, from_env=tuple(sorted(taken.items())))
+    check_torch_supports(opts, torch_version)
+    return opts
+
+
+def options_here(raw: Mapping[str, Any]) -> Options:
+    """:func:`parse_options` for this process: its ``PET_*`` variables, its torch."""
+    import os
+
+    from hydra_torchrun_callback._support import installed_versions
+
+    return parse_options(raw, os.environ, installed_versions(("torch",))["torch"])
+
+
+def _parse_options(raw: Mapping[str, Any]) -> Options:
     unknown = sorted(set(raw) - set(OPTION_NAMES) - {"_target_"})
     if unknown:
         close = [n for n in OPTION_NAMES if n.startswith(unknown[0])] or (
@@ -182,7 +391,9 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
             "",
             fix=f"did you mean {PREFIX}.{close[0]}?" if close else "use one of those names",
         )
-    get = raw.get
+    # Unset (None) and absent are the same: the defaults below.
+    given = {k: v for k, v in raw.items() if v is not None}
+    get = given.get
 
     nnodes = get("nnodes")
     min_nodes, max_nodes = (None, None) if nnodes in (None, "") else parse_nnodes(nnodes)
@@ -245,7 +456,7 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         rdzv_endpoint=str(get("rdzv_endpoint") or ""),
         rdzv_id=None if get("rdzv_id") in (None, "") else str(get("rdzv_id")),
         rdzv_configs=parse_rdzv_conf(get("rdzv_conf")),
-        standalone=bool(get("standalone", False)),
+        standalone=_bool("standalone", get("standalone", False)),
         max_restarts=_int("max_restarts", get("max_restarts", 0), 0, "1"),
         monitor_interval=monitor_interval,
         start_method=start_method,
@@ -262,6 +473,22 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 20.0), "20"),
         summary=_bool("summary", get("summary", True)),
         heartbeat_interval=_heartbeat(get("heartbeat_interval", 0.0)),
+        logs_specs=_logs_specs(get("logs_specs")),
+        event_log_handler=str(get("event_log_handler") or "null"),
+        duplicate_stdout_filters=_comma_list(
+            "duplicate_stdout_filters", get("duplicate_stdout_filters")
+        ),
+        duplicate_stderr_filters=_comma_list(
+            "duplicate_stderr_filters", get("duplicate_stderr_filters")
+        ),
+        numa_binding=None
+        if get("numa_binding") in (None, "")
+        else _choice("numa_binding", get("numa_binding"), NUMA_MODES, "node"),
+        signals_to_handle=_signals(get("signals_to_handle", DEFAULT_SIGNALS)),
+        shutdown_timeout=None
+        if get("shutdown_timeout") is None
+        else _int("shutdown_timeout", get("shutdown_timeout"), 1, "30"),
+        virtual_local_rank=_bool("virtual_local_rank", get("virtual_local_rank", False)),
     )
 
 

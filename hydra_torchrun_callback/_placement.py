@@ -478,7 +478,11 @@ def resolve_placement(
     consulted for cluster detection, never changed. ``job_num`` is Hydra's job number
     (``hydra.job.num``): part of a cluster job's rendezvous id.
     """
-    task = None if opts.rdzv_endpoint else detect_cluster(env, opts.cluster)
+    from_env = dict(opts.from_env)
+    # A rendezvous endpoint the user set replaces cluster detection (hand-wired nodes);
+    # one that only came from PET_RDZV_ENDPOINT must not re-place a cluster job.
+    by_user = bool(opts.rdzv_endpoint) and "rdzv_endpoint" not in from_env
+    task = None if by_user else detect_cluster(env, opts.cluster)
     if task is not None and task.num_tasks > 1:
         return _cluster_placement(opts, task, nproc_per_node, job_num)
     min_nodes = opts.min_nodes or 1
@@ -544,10 +548,55 @@ def resolve_placement(
     )
 
 
+def _refuse_contradicting_environment(opts: Options, task: ClusterTask) -> None:
+    """torchrun's ``PET_*`` variables (a platform's, e.g. Kubeflow's) never re-place a job
+    that SLURM / submitit placed: one that says otherwise is refused, naming both."""
+    where = "SLURM" if task.kind == "slurm" else "submitit"
+    says = {
+        "nnodes": (
+            opts.max_nodes not in (None, task.num_tasks),
+            f"{task.num_tasks} tasks (one torchrun node each)",
+        ),
+        "node_rank": (
+            opts.node_rank not in (None, task.task_rank),
+            f"this task is node {task.task_rank}",
+        ),
+        "master_addr": (
+            opts.master_addr not in (None, task.master_addr),
+            f"the job's first node is {task.master_addr}",
+        ),
+        "rdzv_endpoint": (bool(opts.rdzv_endpoint), "it places the rendezvous itself"),
+        "rdzv_backend": (opts.rdzv_backend != "c10d", "its nodes meet over c10d"),
+    }
+    for option, variable in opts.from_env:
+        contradicts, fact = says.get(option, (False, ""))
+        if contradicts:
+            value = _env_value(opts, option)
+            raise TorchrunOptionError(
+                option,
+                value,
+                f"{variable}={value!r} contradicts the {where} placement of this job ({fact})",
+                "",
+                fix=f"unset {variable} for jobs that {where} places (the callback reads "
+                f"the placement from {where}), or run without {where}",
+            )
+
+
+def _env_value(opts: Options, option: str) -> object:
+    if option == "nnodes":
+        return (
+            str(opts.max_nodes)
+            if opts.min_nodes == opts.max_nodes
+            else f"{opts.min_nodes}:{opts.max_nodes}"
+        )
+    return getattr(opts, option)
+
+
 def _cluster_placement(
     opts: Options, task: ClusterTask, nproc_per_node: int, job_num: int = 0
 ) -> Placement:
     """One node per task: rank = task rank, master = first host, id and port from the job."""
+    _refuse_contradicting_environment(opts, task)
     if opts.max_nodes is not None and opts.max_nodes != task.num_tasks:
         raise TorchrunOptionError(
             "nnodes",
