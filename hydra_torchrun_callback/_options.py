@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
 
@@ -139,7 +139,7 @@ class Options:
     min_nodes: Optional[int]
     max_nodes: Optional[int]
     nproc_per_node: Optional[str]  # validated spelling; resolved by _placement.plan_workers
-    rdzv_backend: str
+    rdzv_backend: Optional[str]  # None: unset (see _placement.rendezvous_backend)
     rdzv_endpoint: str
     rdzv_id: Optional[str]
     rdzv_configs: dict[str, Any]
@@ -208,8 +208,9 @@ def _comma_list(option: str, value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return tuple(v.replace("\0", ",") for v in value.replace(",,", "\0").split(","))
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
+    items = list(value) if isinstance(value, Iterable) else None  # a list, a ListConfig
+    if items is not None and all(isinstance(v, str) for v in items):
+        return tuple(items)
     raise TorchrunOptionError(
         option, value, "expected a list of strings such as [error, warn]", "[error]"
     )
@@ -410,8 +411,10 @@ def _parse_options(raw: Mapping[str, Any]) -> Options:
                 raise TorchrunOptionError("nproc_per_node", nproc, _NPROC_ACCEPTED, "2")
             nproc_text = str(int(nproc_text))
 
-    backend = str(get("rdzv_backend") or "c10d")
-    if backend not in RDZV_BACKENDS:
+    # Unset stays None: the placement picks c10d, or static where torchrun's default
+    # would rule (hand-wired nodes given only a master address/port).
+    backend = None if get("rdzv_backend") in (None, "") else str(get("rdzv_backend"))
+    if backend is not None and backend not in RDZV_BACKENDS:
         raise TorchrunOptionError(
             "rdzv_backend", backend, "expected one of " + ", ".join(RDZV_BACKENDS), "c10d"
         )

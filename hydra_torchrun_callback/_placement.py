@@ -465,6 +465,19 @@ def check_port_free(port: int, option: str = "master_port") -> None:
             raise
 
 
+def rendezvous_backend(opts: Options, max_nodes: int) -> str:
+    """The backend when ``rdzv_backend`` is unset: c10d (one machine: a free port and a
+    unique id, as ``--standalone``), except for hand-wired nodes given only a master
+    address or port and no endpoint, where torchrun's own default (static) is what their
+    commands (and platforms that set ``PET_MASTER_ADDR``/``PET_MASTER_PORT``) mean."""
+    if opts.rdzv_backend is not None:
+        return opts.rdzv_backend
+    hand_wired = max_nodes > 1 and not opts.rdzv_endpoint and not opts.standalone
+    if hand_wired and (opts.master_addr is not None or opts.master_port is not None):
+        return "static"
+    return "c10d"
+
+
 def resolve_placement(
     opts: Options,
     env: Mapping[str, str],
@@ -488,9 +501,10 @@ def resolve_placement(
     min_nodes = opts.min_nodes or 1
     max_nodes = opts.max_nodes or min_nodes
     rdzv_configs: dict[str, object] = dict(opts.rdzv_configs)
+    backend = rendezvous_backend(opts, max_nodes)
 
     manual_endpoint = bool(opts.rdzv_endpoint) or (
-        opts.rdzv_backend == "static" and (opts.master_port is not None or max_nodes > 1)
+        backend == "static" and (opts.master_port is not None or max_nodes > 1)
     )
     if opts.standalone or not manual_endpoint:
         if max_nodes > 1 and not opts.standalone:
@@ -519,14 +533,17 @@ def resolve_placement(
         )
 
     # The user wired the rendezvous by hand (seed 002's two-machine recipe).
-    if opts.rdzv_backend == "static":
+    if backend == "static":
         endpoint = opts.rdzv_endpoint or (
             f"{opts.master_addr or '127.0.0.1'}:{opts.master_port or DEFAULT_STATIC_PORT}"
         )
         rdzv_configs["rank"] = opts.node_rank or 0
     else:
         endpoint = opts.rdzv_endpoint
-    if opts.rdzv_id is None and max_nodes > 1:
+    run_id = opts.rdzv_id
+    if run_id is None and backend == "static" and max_nodes > 1:
+        run_id = "none"  # torchrun's default: the nodes' static store needs no id
+    if run_id is None and max_nodes > 1:
         raise TorchrunOptionError(
             "rdzv_id",
             None,
@@ -538,9 +555,9 @@ def resolve_placement(
         max_nodes=max_nodes,
         node_rank=opts.node_rank or 0,
         nproc_per_node=nproc_per_node,
-        rdzv_backend=opts.rdzv_backend,
+        rdzv_backend=backend,
         rdzv_endpoint=endpoint,
-        run_id=opts.rdzv_id or uuid.uuid4().hex,
+        run_id=run_id or uuid.uuid4().hex,
         rdzv_configs=rdzv_configs,
         local_addr=opts.local_addr,
         source="manual",
@@ -566,7 +583,7 @@ def _refuse_contradicting_environment(opts: Options, task: ClusterTask) -> None:
             f"the job's first node is {task.master_addr}",
         ),
         "rdzv_endpoint": (bool(opts.rdzv_endpoint), "it places the rendezvous itself"),
-        "rdzv_backend": (opts.rdzv_backend != "c10d", "its nodes meet over c10d"),
+        "rdzv_backend": (opts.rdzv_backend not in (None, "c10d"), "its nodes meet over c10d"),
     }
     for option, variable in opts.from_env:
         contradicts, fact = says.get(option, (False, ""))
