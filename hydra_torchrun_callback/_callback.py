@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
-from hydra_torchrun_callback._options import TorchrunOptionError, options_here
+from hydra_torchrun_callback._options import TorchrunOptionError, options_here, with_log_dir
 from hydra_torchrun_callback._per_node import (
     adopt_output_dir,
     prepare_multirun,
@@ -414,6 +414,7 @@ class TorchrunCallback(Callback):
                 "write their logs there. Fix: make it writable or point hydra.run.dir / "
                 "hydra.sweep.dir at a writable place."
             )
+        opts = with_log_dir(opts, output_dir)  # files the user asked for are kept
         pin_now_interpolations(config)
 
         def make_payload() -> bytes:

@@ -176,6 +176,34 @@ class Options:
         return dict(self.from_env).get(option, f"{PREFIX}.{option}")
 
 
+#: Under the job's output dir: torchrun's per-rank files when output goes to files and
+#: ``log_dir`` is unset.
+KEPT_LOG_DIR = "torchrun_logs"
+
+
+def _sends_to_files(spec: StdSpec) -> bool:
+    return any(spec.values()) if isinstance(spec, dict) else spec != 0
+
+
+def with_log_dir(opts: Options, output_dir: str) -> Options:
+    """Never lose output the user sent to files: with ``redirects``, ``tee`` or a
+    duplicate filter and no ``log_dir``, torch's per-rank files go to
+    ``<output_dir>/torchrun_logs`` (kept, beside the job's other files) instead of the
+    private temporary folder that is removed after the job."""
+    if opts.log_dir is not None:
+        return opts
+    asked = (
+        _sends_to_files(opts.redirects)
+        or _sends_to_files(opts.tee)
+        or bool(opts.duplicate_stdout_filters or opts.duplicate_stderr_filters)
+    )
+    if not asked:
+        return opts
+    import os
+
+    return replace(opts, log_dir=os.path.join(output_dir, KEPT_LOG_DIR))
+
+
 def environment_options(
     raw: Mapping[str, Any], env: Mapping[str, str]
 ) -> tuple[dict[str, Any], dict[str, str]]:

@@ -54,11 +54,27 @@ def test_tee_and_local_ranks_filter(app, tmp_path: Path) -> None:
     assert "probe stdout rank=0" not in run.proc.stdout  # ... for local rank 1 only
 
 
-def test_private_log_dir_is_removed(app, tmp_path: Path) -> None:
-    """Without log_dir, torchrun's per-rank files go to a private temp dir, removed after."""
+def test_redirected_output_is_kept_without_log_dir(app, tmp_path: Path) -> None:
+    """Without log_dir, output the user sent to files is kept in the job's output dir
+    (torchrun_logs/); nothing is left in the temp dir (the private folder for the rest)."""
     import tempfile
 
     before = set(Path(tempfile.gettempdir()).glob("hydra_torchrun_*"))
     run = app(NPROC2, "hydra.callbacks.torchrun.redirects=1")
     assert run.proc.returncode == 0, run.output
     assert set(Path(tempfile.gettempdir()).glob("hydra_torchrun_*")) == before
+    out = _std_files(run.out / "torchrun_logs", "stdout")
+    assert sorted(out) == ["0", "1"]
+    assert all("probe stdout rank=" in text for text in out.values())
+
+
+def test_private_log_dir_is_removed(app, tmp_path: Path) -> None:
+    """Nothing sent to files, no log_dir: torch's error files go to a private temp dir,
+    removed after; nothing is added to the output dir."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("hydra_torchrun_*"))
+    run = app(NPROC2)
+    assert run.proc.returncode == 0, run.output
+    assert set(Path(tempfile.gettempdir()).glob("hydra_torchrun_*")) == before
+    assert not (run.out / "torchrun_logs").exists()

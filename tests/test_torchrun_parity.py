@@ -456,3 +456,30 @@ def test_pet_contradicting_a_submitit_placement_is_refused(tmp_path: Path) -> No
     assert "PET_NNODES='3' contradicts the submitit placement of this job (2 tasks" in text
     assert "unset PET_NNODES" in text
     assert not list(out.rglob("rank*.json"))
+
+
+@pytest.mark.skipif(torch_version() < (2, 12), reason="these options need torch >= 2.12")
+def test_options_reach_torchs_launch_config() -> None:
+    """What cannot run here reaches torch as torchrun's config_from_args passes it:
+    numa_binding needs GPUs (this machine has none), shutdown_timeout and the events
+    handler act only on stops and events. Checked on the LaunchConfig we build."""
+    from torch.numa.binding import AffinityMode
+
+    from hydra_torchrun_callback._launch import _launch_config
+    from hydra_torchrun_callback._options import parse_options
+    from hydra_torchrun_callback._placement import resolve_placement
+
+    opts = parse_options(
+        {
+            "numa_binding": "socket",
+            "shutdown_timeout": 7,
+            "event_log_handler": "console",
+            "duplicate_stderr_filters": ["oom"],
+            "virtual_local_rank": True,
+        }
+    )
+    config = _launch_config(opts, resolve_placement(opts, {}, 2), "/nonexistent")
+    assert config.numa_options.affinity_mode == AffinityMode.SOCKET
+    assert (config.shutdown_timeout, config.event_log_handler) == (7, "console")
+    assert (config.duplicate_stderr_filters, config.virtual_local_rank) == (["oom"], True)
+    assert config.signals_to_handle == "SIGTERM,SIGINT,SIGHUP,SIGQUIT"

@@ -454,3 +454,84 @@ def test_task_cpus_are_capped_by_the_allocation() -> None:
         "SUBMITIT_LOCAL_NTASKS": "2",
     }
     assert task_cpus(local, 8, detect_cluster(local)) == 4  # emulated nodes share the machine
+
+
+# -- torchrun's PET_* environment (torch's argparse_util.env / check_env) --
+
+
+def test_pet_fills_only_unset_options() -> None:
+    env = {"PET_NPROC_PER_NODE": "4", "PET_MAX_RESTARTS": "2", "PET_STANDALONE": "1"}
+    opts = parse_options({"max_restarts": 0, "nproc_per_node": None}, env)
+    assert (opts.nproc_per_node, opts.max_restarts, opts.standalone) == ("4", 0, True)
+    assert dict(opts.from_env) == {
+        "nproc_per_node": "PET_NPROC_PER_NODE",
+        "standalone": "PET_STANDALONE",
+    }
+    assert parse_options({}).nproc_per_node is None  # no env given: none read
+    # logs_specs and numa_binding have no PET_ variable, as in torchrun.
+    assert parse_options({}, {"PET_NUMA_BINDING": "node"}).numa_binding is None
+
+
+def test_pet_errors_name_the_variable() -> None:
+    with pytest.raises(TorchrunOptionError, match=r"PET_MAX_RESTARTS='x'.*unset PET_MAX_RESTARTS"):
+        parse_options({}, {"PET_MAX_RESTARTS": "x"})
+    with pytest.raises(TorchrunOptionError, match="torchrun reads flags as integers"):
+        parse_options({}, {"PET_VIRTUAL_LOCAL_RANK": "yes"})
+
+
+def test_options_newer_than_the_installed_torch() -> None:
+    """Set on an older torch: refused naming the option and the version; unset: fine."""
+    with pytest.raises(TorchrunOptionError, match=r"torch 2\.4\.1 is installed.*2\.10\.0"):
+        parse_options({"virtual_local_rank": True}, torch_version="2.4.1")
+    with pytest.raises(TorchrunOptionError, match="shutdown_timeout"):
+        parse_options({"shutdown_timeout": 5}, torch_version="2.11.0+cpu")
+    assert parse_options({}, torch_version="2.4.1").signals_to_handle.startswith("SIGTERM")
+    assert parse_options({"shutdown_timeout": 5}, torch_version="2.13.0").shutdown_timeout == 5
+
+
+def test_new_option_values() -> None:
+    opts = parse_options(
+        {"duplicate_stdout_filters": "a,,b,c", "signals_to_handle": "SIGTERM,SIGUSR1"}
+    )
+    assert opts.duplicate_stdout_filters == ("a,b", "c")  # torch's ",," escape
+    for option, value in [
+        ("signals_to_handle", "SIGTERM,SIGNOPE"),
+        ("numa_binding", "everywhere"),
+        ("shutdown_timeout", "0"),
+        ("duplicate_stderr_filters", [1]),
+        ("logs_specs", "no_such_entry_point"),
+    ]:
+        with pytest.raises(TorchrunOptionError, match=option):
+            parse_options({option: value})
+
+
+def test_unset_backend_is_static_for_hand_wired_nodes() -> None:
+    """torchrun's default (static) where a user gave only a master address/port."""
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "10.0.0.1"}
+    p = resolve_placement(parse_options({}, env), {}, 1)
+    assert (p.rdzv_backend, p.rdzv_endpoint, p.node_rank, p.run_id) == (
+        "static",
+        "10.0.0.1:29500",
+        1,
+        "none",
+    )
+    assert resolve_placement(parse_options({}), {}, 1).rdzv_backend == "c10d"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fact"),
+    [
+        ("PET_NNODES", "3", "2 tasks"),
+        ("PET_NODE_RANK", "0", "this task is node 1"),
+        ("PET_MASTER_ADDR", "elsewhere", "first node is node001"),
+        ("PET_RDZV_ENDPOINT", "elsewhere:29400", "places the rendezvous itself"),
+        ("PET_RDZV_BACKEND", "static", "meet over c10d"),
+    ],
+)
+def test_pet_never_replaces_a_slurm_job(variable: str, value: str, fact: str) -> None:
+    opts = parse_options({}, {variable: value})
+    with pytest.raises(TorchrunOptionError, match=rf"{variable}=.*contradicts the SLURM.*{fact}"):
+        resolve_placement(opts, STEP, 1)
+    # Values that agree with the placement are fine.
+    agree = parse_options({}, {"PET_NNODES": "2", "PET_NODE_RANK": "1"})
+    assert resolve_placement(agree, STEP, 1).node_rank == 1
