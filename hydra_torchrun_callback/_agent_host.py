@@ -41,10 +41,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, Optional
 
-__all__ = ["STOP_SIGNALS", "run_in_warm_server"]
+from hydra_torchrun_callback._protocol import STACKS_SIGNAL, STOP_SIGNALS, PipeMessage
 
-#: What the parent forwards to the agent and the agent blocks (delivered once).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+__all__ = ["run_in_warm_server"]
 
 #: How long the parent waits for the agent to wind down after it raised (a stop,
 #: submitit's requeue): its workers stop within torch's 30 s close timeout.
@@ -112,7 +111,7 @@ class _PipeHandler(logging.Handler):
             data["exc_info"] = None
             data.pop("message", None)
             plain = (str, int, float, bool, type(None))
-            self.send(("log", {k: v for k, v in data.items() if isinstance(v, plain)}))
+            self.send((PipeMessage.LOG, {k: v for k, v in data.items() if isinstance(v, plain)}))
         except Exception:
             self.handleError(record)
 
@@ -180,6 +179,7 @@ def _child(
 
     from hydra_torchrun_callback import _pickling
     from hydra_torchrun_callback._launch import _raise_signal
+    from hydra_torchrun_callback._node_job import run_node
     from hydra_torchrun_callback._proc import AgentHost, die_with_parent, set_agent_host
     from hydra_torchrun_callback._warm import restore_signals
 
@@ -209,10 +209,10 @@ def _child(
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_signal)  # a Python handler, for interrupt_main
 
-    replies: dict[str, list[Any]] = {}
+    replies: dict[PipeMessage, list[Any]] = {}
     replied = threading.Condition()
 
-    def ask(kind: str, value: Any) -> Any:
+    def ask(kind: PipeMessage, value: Any) -> Any:
         with replied:
             send((kind, value))
             replied.wait_for(lambda: bool(replies.get(kind)) or not reader.is_alive())
@@ -224,7 +224,7 @@ def _child(
         _thread.interrupt_main(signal.Signals(signum))  # 3.10+: raise this signal
 
     def preempted(signum: int, frame: Any) -> None:
-        ask("preempted", signum)  # the parent runs submitit's handler, then answers
+        ask(PipeMessage.PREEMPTED, signum)  # the parent runs submitit's handler, then answers
 
     def read() -> None:
         while True:
@@ -234,12 +234,12 @@ def _child(
                 with replied:
                     replied.notify_all()
                 return
-            if kind == "signal":
+            if kind == PipeMessage.SIGNAL:
                 handler = signal.getsignal(value)
                 if callable(handler):
                     raise_in_main(int(value))
                 elif value not in STOP_SIGNALS:  # preemption before the agent watches
-                    send(("preempted-now", int(value)))
+                    send((PipeMessage.PREEMPTED_NOW, int(value)))
             else:
                 with replied:
                     replies.setdefault(kind, []).append(value)
@@ -255,7 +255,7 @@ def _child(
         follows (the config the workers get, and the cwd)."""
         from omegaconf import read_write
 
-        if not ask("adopt", (own_dir, job_dir)):
+        if not ask(PipeMessage.ADOPT, (own_dir, job_dir)):
             return False
         with read_write(config.hydra.runtime):
             config.hydra.runtime.output_dir = job_dir
@@ -264,12 +264,12 @@ def _child(
             os.chdir(job_dir)
         return True
 
-    outcome: tuple[str, Any]
+    outcome: tuple[PipeMessage, Any]
     try:
-        callback, config, task_function, origin = _pickling.loads(blob)
-        outcome = ("done", callback._run_agent(config, task_function, origin, adopt=adopt))
+        job = _pickling.loads(blob)
+        outcome = (PipeMessage.DONE, run_node(job, adopt))
     except BaseException as exc:  # every outcome goes to the parent
-        outcome = ("error", _portable(exc))
+        outcome = (PipeMessage.ERROR, _portable(exc))
     send(outcome)
     channel.close()
 
@@ -280,14 +280,13 @@ def run_in_warm_server(
     adopt: Callable[[Any, str, str], bool],
     preemption: Optional[signal.Signals],
 ) -> Optional[bytes]:
-    """In the Hydra process: run the pickled ``(callback, config, task, origin)``'s
-    ``callback._run_agent`` in a fork of the warm server; return what it returned
+    """In the Hydra process: run the pickled :class:`._node_job.NodeJob` with
+    :func:`._node_job.run_node` in a fork of the warm server; return what it returned
     (rank 0's pickled value) or raise what it raised."""
     import multiprocessing
     from multiprocessing import forkserver
 
     from hydra_torchrun_callback._proc import descendants
-    from hydra_torchrun_callback._stacks import STACKS_SIGNAL
     from hydra_torchrun_callback._warm import no_main_reimport, start_warm
 
     server_pid = start_warm()
@@ -317,7 +316,7 @@ def run_in_warm_server(
     send = channel.send
 
     def forward(signum: int, frame: Any) -> None:
-        send(("signal", signum))
+        send((PipeMessage.SIGNAL, signum))
 
     def stacks(signum: int, frame: Any) -> None:
         with contextlib.suppress(OSError, TypeError):
@@ -348,25 +347,25 @@ def run_in_warm_server(
                     f"the torchrun agent's process (pid {child.pid}) ended without a result "
                     f"(exit code {child.exitcode}); its workers were stopped"
                 ) from None
-            if kind == "log":
+            if kind == PipeMessage.LOG:
                 record = logging.makeLogRecord(value)
                 logging.getLogger(record.name).handle(record)  # levels applied in the agent
-            elif kind == "adopt":
-                send(("adopt", adopt(config, *value)))
-            elif kind in ("preempted", "preempted-now"):
-                if kind == "preempted":
-                    send(("preempted", None))  # the agent's handler returns first
+            elif kind == PipeMessage.ADOPT:
+                send((PipeMessage.ADOPT, adopt(config, *value)))
+            elif kind in (PipeMessage.PREEMPTED, PipeMessage.PREEMPTED_NOW):
+                if kind == PipeMessage.PREEMPTED:
+                    send((PipeMessage.PREEMPTED, None))  # the agent's handler returns first
                 if callable(preempt_handler):
                     try:
                         preempt_handler(value, None)  # submitit: checkpoint, requeue, exit
                     except BaseException as exc:
                         raised = exc
-                        send(("signal", signal.SIGTERM))  # the agent stops, then we go
-            elif kind in ("done", "error"):
+                        send((PipeMessage.SIGNAL, signal.SIGTERM))  # the agent stops, then we go
+            elif kind in (PipeMessage.DONE, PipeMessage.ERROR):
                 finished = True
                 if raised is not None:
                     break
-                if kind == "done":
+                if kind == PipeMessage.DONE:
                     return value  # type: ignore[no-any-return]
                 error, text = value
                 if text is not None:
@@ -379,7 +378,7 @@ def run_in_warm_server(
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if not finished and child.is_alive():  # we leave first (an error here): stop it
-            send(("signal", signal.SIGTERM))
+            send((PipeMessage.SIGNAL, signal.SIGTERM))
         child.join(WIND_DOWN_S)
         if child.is_alive():
             child.kill()

@@ -9,28 +9,32 @@ never runs in the Hydra process.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import dataclasses
 import gc
 import logging
 import os
-import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
-from hydra_torchrun_callback._options import TorchrunOptionError, options_here, with_log_dir
+from hydra_torchrun_callback._node_job import (
+    JobOrigin,
+    NodeJob,
+    run_node,
+    unpicklable_task_error,
+)
+from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._per_node import (
     adopt_output_dir,
     prepare_multirun,
     prepare_run,
 )
 from hydra_torchrun_callback._placement import inside_torchrun_worker
+from hydra_torchrun_callback._protocol import AGENT_IN_SERVER_ENV
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
@@ -38,72 +42,6 @@ __all__ = ["TorchrunAbort", "TorchrunCallback"]
 log = logging.getLogger("hydra_torchrun_callback")
 
 TARGET = "hydra_torchrun_callback.TorchrunCallback"
-
-#: ``0``: keep the agent in the Hydra process with ``start_method=forkserver`` (one more
-#: torch import per node; for debugging the agent with pdb). Default: in a fork of the
-#: warm server (see ``_agent_host``).
-AGENT_IN_SERVER_ENV = "HYDRA_TORCHRUN_AGENT_IN_SERVER"
-
-
-@dataclasses.dataclass(frozen=True)
-class JobOrigin:
-    """What the agent needs from the Hydra process itself, read there (the agent may run
-    in a fork of the warm server, which has neither the app's resolvers nor its
-    ``__main__``)."""
-
-    started: float  # when the job reached the callback (the summary's wall time)
-    resolvers: dict[str, bytes]  # custom OmegaConf resolvers, each pickled
-    main_module: Optional[tuple[str, str]]  # the app's __main__, for workers to import
-
-
-class JobReport:
-    """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
-
-    def __init__(self, placement: Any, started: float) -> None:
-        from hydra_torchrun_callback._summary import NodeRecords
-
-        self.placement = placement
-        self.started = started
-        self.records = NodeRecords()
-        self.rows: list[dict[str, Any]] = []
-        self.missing_nodes: list[int] = []
-        self.error: Optional[BaseException] = None
-
-    def publish(self, output_dir: str) -> None:
-        """Log the table and save the JSON (nothing when no worker started)."""
-        from hydra_torchrun_callback._summary import build_summary, render_table, write_summary
-
-        rows = self.rows or self.records.rows(self.placement.node_rank, socket.gethostname())
-        if not rows:
-            return
-        summary = build_summary(
-            rows,
-            run_id=self.placement.run_id,
-            nnodes=self.placement.max_nodes,
-            nproc_per_node=self.placement.nproc_per_node,
-            wall_s=time.time() - self.started,
-            error=self.error,
-            missing_nodes=self.missing_nodes,
-        )
-        log.info("%s", render_table(summary))
-        write_summary(summary, output_dir)
-
-
-def _stack_service(
-    output_dir: str, placement: Any, report: JobReport, relay: Any = None
-) -> contextlib.AbstractContextManager[Any]:
-    """Answer ``hydra-torchrun-summary --stacks`` (and SIGURG) while the agent runs."""
-    from hydra_torchrun_callback._stacks import StackService
-
-    job = {
-        "run_id": placement.run_id,
-        "nnodes": placement.max_nodes,
-        "nproc_per_node": placement.nproc_per_node,
-        "world_size": placement.max_nodes * placement.nproc_per_node,
-        "started": report.started,
-    }
-    records = report.records
-    return StackService(output_dir, records.dir, records.live, placement.node_rank, job, relay)
 
 
 class TorchrunAbort(BaseException):
@@ -135,15 +73,6 @@ def _forgery_note() -> str:
     )
 
 
-def _unpicklable(task_function: Any, exc: BaseException) -> TorchrunSetupError:
-    return TorchrunSetupError(
-        f"the task function {getattr(task_function, '__qualname__', task_function)!r}"
-        f" or its config cannot be pickled for the workers ({type(exc).__name__}: "
-        f"{exc}). Fix: keep locks, open files, sockets and other process-bound "
-        "objects out of the task's closure and config; create them inside the task."
-    )
-
-
 def _abort(step: str, exc: BaseException) -> TorchrunAbort:
     return TorchrunAbort(
         f"hydra/callbacks=torchrun failed while {step} ({type(exc).__name__}: {exc}); "
@@ -163,29 +92,6 @@ def job_options(config: DictConfig, fallback: Mapping[str, Any]) -> dict[str, An
                 assert isinstance(raw, dict)
                 return {str(k): v for k, v in raw.items() if k != "_target_"}
     return dict(fallback)
-
-
-def pin_now_interpolations(config: DictConfig) -> None:
-    """Resolve every ``${now:...}`` once here: the resolver cache travels with
-    the pickled config, so workers see the Hydra process's timestamps."""
-
-    def walk(node: Any, path: str) -> None:
-        keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else [*range(len(node))]
-        for key in keys:
-            child = node._get_node(key)
-            sub = f"{path}.{key!s}" if path else f"{key!s}"
-            if child is None:
-                continue
-            if OmegaConf.is_config(child):
-                walk(child, sub)
-                continue
-            raw = child._value()
-            if isinstance(raw, str) and "${now:" in raw:
-                # An unrelated broken interpolation is the task's to report, not ours.
-                with contextlib.suppress(Exception):
-                    OmegaConf.select(config, sub, throw_on_missing=False)
-
-    walk(config, "")
 
 
 def _quick_exit_at_end() -> None:
@@ -320,23 +226,24 @@ class TorchrunCallback(Callback):
             resolvers=capture_resolvers(),
             main_module=describe_main_module(sys.modules.get("__main__")),
         )
+        job = NodeJob(config, task_function, origin, options_here(self._job_options(config)))
         if (
-            options_here(self._job_options(config)).start_method == "forkserver"
+            job.options.start_method == "forkserver"
             and os.environ.get(AGENT_IN_SERVER_ENV, "1") != "0"
         ):
             # The agent runs in a fork of the warm server: this process never imports
-            # torch (see _agent_host). The job is pickled here, so that an unpicklable
-            # task fails before anything starts, with the same error as below.
+            # torch (see _agent_host). The job is pickled here, once, so that an
+            # unpicklable task fails before anything starts, with the usual error.
             from hydra_torchrun_callback._agent_host import run_in_warm_server
             from hydra_torchrun_callback._launch import preemption_signal
 
             try:
-                blob = _pickling.dumps((self, config, task_function, origin))
+                blob = _pickling.dumps(job)
             except Exception as exc:
-                raise _unpicklable(task_function, exc) from exc
+                raise unpicklable_task_error(task_function, exc) from exc
             data = run_in_warm_server(blob, config, adopt_output_dir, preemption_signal(os.environ))
         else:
-            data = self._run_agent(config, task_function, origin)
+            data = run_node(job, adopt_output_dir)
         if data is None:
             return None
 
@@ -347,225 +254,3 @@ class TorchrunCallback(Callback):
                 f"rank 0's return value could not be unpickled in the Hydra process "
                 f"({type(exc).__name__}: {exc}). Fix: return plain data types."
             ) from exc
-
-    def _run_agent(
-        self,
-        config: DictConfig,
-        task_function: Any,
-        origin: JobOrigin,
-        adopt: Callable[[DictConfig, str, str], bool] = adopt_output_dir,
-    ) -> Optional[bytes]:
-        """Place this node, start its agent and workers; rank 0's pickled value (node 0)."""
-        from hydra_torchrun_callback._store import reset_rejections
-
-        reset_rejections()  # each job logs (and names) the forgeries it saw itself
-        from hydra_torchrun_callback._placement import (
-            check_port_free,
-            detect_cluster,
-            host_share,
-            interface_address,
-            plan_workers,
-            resolve_placement,
-            task_cpus,
-            usable_cpus,
-        )
-        from hydra_torchrun_callback._warm import overlaps_imports, start_warm
-
-        started = origin.started
-        opts = options_here(self._job_options(config))
-        task = detect_cluster(os.environ, opts.cluster)
-        cpus = task_cpus(os.environ, usable_cpus(), task)
-        warm = opts.start_method == "forkserver"
-        if warm and overlaps_imports(cpus):
-            start_warm()  # a node's first job: nothing is warm yet
-        import torch
-
-        if warm:
-            start_warm()  # no-op when already running
-
-        from hydra_torchrun_callback import _pickling
-        from hydra_torchrun_callback._launch import launch
-        from hydra_torchrun_callback._worker import WorkerPayload
-
-        # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
-        # split among the job's tasks on it; CPUs from this task's affinity mask.
-        share = host_share(os.environ, task)
-        plan = plan_workers(
-            opts.nproc_per_node,
-            share,
-            cpus,
-            torch.cuda.device_count() if share.host_gpus is None else 0,
-        )
-        job_num = OmegaConf.select(config, "hydra.job.num", default=0)
-        placement = resolve_placement(
-            opts, os.environ, plan.nproc, job_num=job_num if isinstance(job_num, int) else 0
-        )
-        placement = dataclasses.replace(placement, plan=plan)
-        if placement.local_addr:  # an interface name (ib0) is resolved on each node
-            address = interface_address(placement.local_addr)
-            if address is not None:
-                placement = dataclasses.replace(placement, local_addr=address)
-        if placement.source == "local" and not placement.port_picked:
-            check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
-        output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())
-        if not os.access(output_dir, os.W_OK | os.X_OK):
-            raise TorchrunSetupError(
-                f"the job's output dir {output_dir} is not writable, so the workers could not "
-                "write their logs there. Fix: make it writable or point hydra.run.dir / "
-                "hydra.sweep.dir at a writable place."
-            )
-        opts = with_log_dir(opts, output_dir)  # files the user asked for are kept
-        pin_now_interpolations(config)
-
-        def make_payload() -> bytes:
-            try:
-                return _pickling.dumps(
-                    WorkerPayload(
-                        task=task_function,
-                        config=config,
-                        cwd=os.getcwd(),
-                        started=started,
-                        resolvers=origin.resolvers,
-                        main_module=origin.main_module,
-                    )
-                )
-            except Exception as exc:
-                raise _unpicklable(task_function, exc) from exc
-
-        def payload_in(job_dir: str) -> Optional[bytes]:
-            """Node 0 decided the job's output dir (``${now:}`` resolved at another time
-            here): take it, then pickle the job as it now is (None: kept our own)."""
-            return make_payload() if adopt(config, output_dir, job_dir) else None
-
-        payload = make_payload()
-        log.info("%s", placement.describe())
-        report = JobReport(placement, started)
-        try:
-            if placement.cluster is None:
-                with (
-                    self._heartbeat(opts, placement, report.records.rank_states),
-                    _stack_service(output_dir, placement, report),
-                ):
-                    data = launch(opts, placement, payload, records=report.records).rank0_payload
-                report.records.harvest_stacks()
-                report.rows = report.records.rows(0, socket.gethostname())
-            else:
-                data = self._run_multinode(opts, placement, payload, report, output_dir, payload_in)
-        except BaseException as exc:
-            report.error = exc
-            raise
-        finally:
-            report.records.harvest_stacks()  # the stacks of ranks the stop interrupted
-            if opts.summary and placement.node_rank == 0:
-                report.publish(output_dir)
-            report.records.close()
-        return data
-
-    @staticmethod
-    def _heartbeat(
-        opts: Any, placement: Any, states: Any
-    ) -> contextlib.AbstractContextManager[Any]:
-        if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
-            return contextlib.nullcontext()
-        from hydra_torchrun_callback._summary import Heartbeat
-
-        world = placement.max_nodes * placement.nproc_per_node
-        return Heartbeat(opts.heartbeat_interval, world, states)
-
-    def _run_multinode(
-        self,
-        opts: Any,
-        placement: Any,
-        payload: bytes,
-        report: JobReport,
-        output_dir: str,
-        payload_in: Callable[[str], Optional[bytes]],
-    ) -> Optional[bytes]:
-        """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
-        from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
-        from hydra_torchrun_callback._launch import launch
-        from hydra_torchrun_callback._placement import candidate_ports
-        from hydra_torchrun_callback._store import SecretError, load_secret
-
-        try:
-            secret = load_secret(os.environ)
-        except (SecretError, OSError) as exc:
-            raise TorchrunSetupError(str(exc)) from exc
-        ports = None if opts.master_port is not None else candidate_ports(placement.run_id)
-        # A node that never beats counts as lost after torch's rendezvous join timeout.
-        join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
-        coord = JobCoordinator(
-            placement,
-            opts.peer_timeout,
-            secret,
-            ports=ports,
-            join_timeout=join_timeout,
-            job_dir=output_dir,
-        )
-        placement = coord.placement  # with the port the job's store was found on
-        node0 = placement.node_rank == 0
-        job_dir = coord.job_dir()
-        if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
-            adopted = payload_in(job_dir)
-            if adopted is not None:
-                payload, output_dir = adopted, job_dir
-        records = report.records
-
-        def states() -> dict[int, str]:
-            return {**coord.states_elsewhere(), **records.rank_states()}
-
-        def finish(
-            wait: float = opts.peer_timeout, error: Optional[BaseException] = None
-        ) -> list[int]:
-            """Publish this node's rows, say done (and how this node's part ended); node 0
-            waits for the others."""
-            records.harvest_stacks()
-            with contextlib.suppress(Exception):
-                coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
-            coord.mark_done(error)
-            if not node0:
-                return []
-            missing = coord.wait_all_done(timeout=wait)
-            report.rows, report.missing_nodes = coord.gather_rows()
-            return missing
-
-        try:
-            try:
-                with (
-                    self._heartbeat(opts, placement, states),
-                    _stack_service(output_dir, placement, report, StacksRelay(coord)),
-                ):
-                    data = launch(opts, placement, payload, coord, records).rank0_payload
-            except TorchrunJobError as err:
-                if coord.abort_reason is not err:
-                    coord.report_failure(err)
-                root = coord.root_cause(err, timeout=10.0)
-                finish(error=root or err)
-                raise (root or err) from None
-            except (SystemExit, KeyboardInterrupt) as stop:
-                # Stopped (scancel, a time limit, Ctrl-C): the summary still shows every
-                # node's ranks and where they were, if the others report back quickly
-                # (SLURM's KillWait leaves 30 s by default).
-                with contextlib.suppress(Exception):
-                    finish(wait=min(opts.peer_timeout, 5.0), error=stop)
-                raise
-            if data is not None:
-                coord.put_result(data)
-            missing = finish()
-            if not node0:
-                return None  # only node 0's JobReturn carries the job's value
-            # Each node's signed done beat says how its part ended: a forged or emptied
-            # failure key cannot make a failed job look completed.
-            failure = coord.failure() or coord.failed_node()
-            if failure is not None:
-                raise failure
-            if data is None:
-                data = coord.wait_result(timeout=5.0)
-            if data is None:
-                raise TorchrunSetupError(
-                    "the job finished but global rank 0's return value never reached node 0"
-                    + (f" (nodes {missing} did not report back)" if missing else "")
-                )
-            return data
-        finally:
-            coord.close()

@@ -15,12 +15,16 @@ So coordination costs O(n) store calls per second: node 0 watches the heartbeats
 publishes a lost node as the job's failure; the other nodes watch that one key. A
 watchdog thread per node interrupts the local agent when the job failed elsewhere, so
 no node waits for a collective or rendezvous timeout.
+
+Split the way torch's dynamic rendezvous is: :class:`JobCoordinator` here connects and
+runs the watchdog; what it knows is a :class:`._job_state.JobState`, what it does on the
+store is :class:`._job_ops.JobOps` (every key is named there), and what it decides is
+:mod:`._job_decisions` (pure functions, unit-tested without a store).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
@@ -29,19 +33,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
+from hydra_torchrun_callback import _job_decisions as decide
+from hydra_torchrun_callback._job_ops import JobOps, initial_keys
+from hydra_torchrun_callback._job_state import JobState
 from hydra_torchrun_callback._placement import Placement
 from hydra_torchrun_callback._proc import stop_self
-from hydra_torchrun_callback._result import (
-    TorchrunJobError,
-    TorchrunSetupError,
-    is_crash,
-    job_error,
-)
+from hydra_torchrun_callback._protocol import JOB_STORE_ENV, job_prefix
+from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError, TorchrunSetupError
 from hydra_torchrun_callback._store import (
     ForeignStoreError,
     Signer,
-    decode_error,
-    encode_error,
     host_job_store,
     join_job_store,
 )
@@ -54,20 +55,7 @@ _POLL_S = 0.25
 #: The end of a job is waited for more closely (every node is idle by then): each poll is
 #: one or two store reads, and it is on the critical path of every multi-node job.
 _END_POLL_S = 0.05
-#: Key a failing worker claims (compare_set) before its exception propagates: peers
-#: only fail after it, so the claim orders the root cause before any consequence.
-FIRST_FAILED_KEY = "first_failed_rank"
-#: What the claiming worker raised (JSON), written right after its claim.
-FIRST_FAILURE_KEY = "first_failure"
-#: Environment variable telling workers where to claim it: "host:port prefix session".
-JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
 _HEARTBEAT_S = 1.0
-#: The job's failure slot holds this until a node fills it.
-_NO_FAILURE = b""
-
-
-def _hb(node: int) -> str:
-    return f"hb/{node}"
 
 
 class JobCoordinator:
@@ -89,20 +77,15 @@ class JobCoordinator:
         self.nnodes = placement.max_nodes
         self.peer_timeout = peer_timeout
         host, port = placement.rdzv_endpoint.rsplit(":", 1)
-        candidates = list(ports or [int(port)])
-        prefix = f"hydra_torchrun/{placement.run_id}/"
+        candidates = list(ports or placement.store_ports or [int(port)])
+        prefix = job_prefix(placement.run_id)
         self.is_server = self.node == 0
         #: A peer that never beat counts as lost after this (it may start late).
         self.never_beat_timeout = join_timeout or max(2 * peer_timeout, 60.0)
         # Node 0 may start much later than the others (submitit can start nodes minutes
         # apart): wait for it as long as torch's rendezvous would.
         connect_timeout = 2 * peer_timeout if self.is_server else (join_timeout or 2 * peer_timeout)
-        initial = {
-            _hb(n): json.dumps({"beat": 0, "done": False}).encode() for n in range(self.nnodes)
-        }
-        initial["failure"] = _NO_FAILURE
-        if job_dir:
-            initial["jobdir"] = job_dir.encode()
+        initial = initial_keys(self.nnodes, job_dir)
         try:
             if self.is_server:
                 self.js, chosen = host_job_store(
@@ -133,86 +116,63 @@ class JobCoordinator:
         #: The placement with the port the store was found on.
         self.placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")
         self.store = self.js.store
-        self.abort_reason: Optional[TorchrunJobError] = None
-        #: What workers need to claim the first failure (see FIRST_FAILED_KEY).
+        self.ops = JobOps(self.js, self.node, self.nnodes)
+        self.state = JobState(node=self.node, nnodes=self.nnodes)
+        #: What workers need to claim the first failure (see _job_ops.FIRST_FAILED_KEY).
         self.worker_env = {JOB_STORE_ENV: f"{host}:{chosen} {prefix} {self.js.signer.session}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._states: Optional[Callable[[], Mapping[int, str]]] = None
-        self._beats = 0
-        self._done = False
-        self._outcome: Optional[dict[str, Any]] = None  # this node's error, in its done beat
         self._abort_lock = threading.Lock()
-        self._peers: dict[int, dict[str, Any]] = {}  # node 0: the last heartbeats read
-        self._lost: set[int] = set()  # node 0: peers its watchdog declared lost
         self._on_abort: Optional[Callable[[TorchrunJobError], None]] = abort
 
     @property
     def signer(self) -> Signer:
         return self.js.signer
 
-    # -- what nodes tell each other --------------------------------------------
+    @property
+    def abort_reason(self) -> Optional[TorchrunJobError]:
+        """Why this node's agent was interrupted (a failure elsewhere), if it was."""
+        return self.state.abort_reason
+
+    # -- what nodes tell each other (see _job_ops for the keys) -------------------------
     def job_dir(self) -> Optional[str]:
-        """Node 0's output dir (set when it hosted the store), None if it gave none."""
-        payload = self.js.get("jobdir")
-        return payload.decode() if payload else None
+        return self.ops.job_dir()
 
     def put_result(self, data: bytes) -> None:
-        self.js.put_large("result", data)
+        self.ops.put_result(data)
 
     def first_failed_rank(self) -> Optional[int]:
-        """The global rank whose worker raised first (claimed by the worker itself)."""
-        payload = self.js.get(FIRST_FAILED_KEY)
-        return None if payload is None else int(payload)
+        return self.ops.first_failed_rank()
 
     def report_failure(self, error: TorchrunJobError) -> None:
-        """Publish this node's failure. The root cause (the rank that claimed the first
-        failure) always wins the job's slot; any other failure only fills an empty one.
-        Each node's own report is kept too: it is the last word on that node's ranks."""
-        blob = encode_error(error)
-        self.js.set(f"failure/{self.node}", blob)
-        if error.rank is not None and error.rank == self.first_failed_rank():
-            self.js.set("failure", blob)
-        else:
-            self.js.replace_if("failure", _NO_FAILURE, blob)
-
-    def _read_error(self, name: str) -> Optional[TorchrunJobError]:
-        payload = self.js.get(name)
-        if not payload:  # absent, forged, or the empty slot
-            return None
-        try:
-            return decode_error(payload)  # type: ignore[no-any-return]
-        except (ValueError, TypeError, KeyError):
-            return None
-
-    def _node_failure(self, node: int) -> Optional[TorchrunJobError]:
-        return self._read_error(f"failure/{node}")
+        self.ops.report_failure(error)
 
     def failure(self) -> Optional[TorchrunJobError]:
-        payload = self.js.get_present("failure")
-        if not payload:
-            return None
         try:
-            return decode_error(payload)  # type: ignore[no-any-return]
+            return self.ops.failure()
         except (ValueError, TypeError, KeyError):
             return None
 
     def claimed_failure(self) -> Optional[TorchrunJobError]:
-        """The first failure as its worker described it (no agent needed)."""
-        d = self.js.get_json(FIRST_FAILURE_KEY)
-        if not isinstance(d, dict):
-            return None
-        return job_error(
-            rank=int(d["rank"]),
-            local_rank=int(d["local_rank"]),
-            node=str(d["node"]),
-            node_rank=int(d["node_rank"]),
-            what=f"raised {d['exc_type']}: {d['exc_message']}",
-            exc_type=str(d["exc_type"]),
-            exc_message=str(d["exc_message"]),
-            traceback=str(d["traceback"]),
-            exitcode=1,  # what torch's @record makes of a raised exception
-        )
+        return self.ops.claimed_failure()
+
+    def put_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.ops.put_rows(rows)
+
+    def gather_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Node 0: every node's summary rows, and the nodes that sent none."""
+        return self.ops.gather_rows()
+
+    def states_elsewhere(self) -> dict[int, str]:
+        """Rank states the other nodes last published (node 0, for its heartbeat line)."""
+        return self.state.states_elsewhere()
+
+    def publish_stacks_request(self, request: str) -> None:
+        self.ops.publish_stacks_request(request)
+
+    def stacks_requests(self, after: int) -> tuple[int, list[str]]:
+        return self.ops.stacks_requests(after)
 
     def root_cause(
         self,
@@ -223,19 +183,17 @@ class JobCoordinator:
     ) -> Optional[TorchrunJobError]:
         """The job's root cause, waiting at most ``timeout`` seconds for it.
 
-        A crashed worker (killed by a signal, reported by its node's agent) comes first:
-        it could not claim anything, and its peers' errors follow from it, so every
-        answer waits ``settle`` seconds for such a report. Otherwise the rank that
-        claimed the first failure names the node to ask: that node's agent report is the
-        last word; if it sends none within ``grace`` (its agent was stopped by another
-        node's failure first), the claimer's own description is used. Without a claim:
-        the first failure published, else ours."""
+        A crashed worker (killed by a signal, reported by its node's agent) comes first;
+        every answer waits ``settle`` seconds for such a report. Otherwise the rank that
+        claimed the first failure names the node to ask; if that node sends no report
+        within ``grace``, the claimer's own description is used. Without a claim: the
+        first failure published, else ours (see :func:`._job_decisions.root_candidate`)."""
         start = time.monotonic()
         answer: Optional[TorchrunJobError] = None
         answered_at = 0.0
         while True:
             waited = time.monotonic() - start
-            crash = self._crash_report()
+            crash = decide.crash_report(self.ops.node_failures())
             if crash is not None:
                 return crash
             if answer is None:
@@ -247,93 +205,25 @@ class JobCoordinator:
                 return answer or self.failure() or own
             time.sleep(_POLL_S)
 
-    def _crash_report(self) -> Optional[TorchrunJobError]:
-        for node in range(self.nnodes):
-            with contextlib.suppress(Exception):
-                report = self._node_failure(node)
-                if report is not None and is_crash(report.exitcode):
-                    return report
-        return None
-
     def _root_candidate(self, claim_is_enough: bool) -> Optional[TorchrunJobError]:
         first, failure = self.first_failed_rank(), self.failure()
-        if failure is not None and (first is None or failure.rank == first):
-            return failure
-        with contextlib.suppress(Exception):
-            claimed = self.claimed_failure() if first is not None else None
-            if claimed is not None and claimed.rank == first:
-                assert claimed.node_rank is not None
-                report = self._node_failure(claimed.node_rank)
-                if report is not None:
-                    return report
-                if claim_is_enough:
-                    return claimed
-        return None
-
-    def put_rows(self, rows: list[dict[str, Any]]) -> None:
-        """This node's rows of the job summary (read by node 0)."""
-        self.js.put_large(f"rows/{self.node}", json.dumps(rows).encode())
-
-    def gather_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
-        """Node 0: every node's summary rows, and the nodes that sent none."""
-        rows: list[dict[str, Any]] = []
-        missing = []
-        for node in range(self.nnodes):
+        claimed = claimer_report = None
+        if first is not None and (failure is None or failure.rank != first):
             try:
-                data = self.js.get_large(f"rows/{node}")
-                if data is None:
-                    missing.append(node)
-                    continue
-                rows.extend(row for row in json.loads(data) if isinstance(row, dict))
+                claimed = self.claimed_failure()
+                if claimed is not None and claimed.node_rank is not None:
+                    claimer_report = self.ops.node_failure(claimed.node_rank)
             except Exception:
-                missing.append(node)
-        return rows, missing
-
-    def states_elsewhere(self) -> dict[int, str]:
-        """Rank states the other nodes last published (node 0, for its heartbeat line)."""
-        states: dict[int, str] = {}
-        for peer, beat in list(self._peers.items()):
-            if peer != self.node:
-                published = beat.get("states") or {}
-                states.update({int(rank): str(state) for rank, state in published.items()})
-        return states
-
-    # -- stack requests (node 0 relays what it found in the output dir) -----------
-    def publish_stacks_request(self, request: str) -> None:
-        count = self.js.counter("stacks/count", 1)
-        self.js.set(f"stacks/{count}", request.encode())
-
-    def stacks_requests(self, after: int) -> tuple[int, list[str]]:
-        """Requests numbered above ``after``: (latest number, their ids)."""
-        count = self.js.counter("stacks/count")
-        found = []
-        for n in range(after + 1, min(count, after + 16) + 1):  # the counter is unsigned
-            payload = self.js.get(f"stacks/{n}")
-            if payload is None:  # not written yet (or forged): read it next time
-                break
-            found.append(payload.decode(errors="replace"))
-            after = n
-        return after, found
+                claimed = None
+        return decide.root_candidate(first, failure, claimed, claimer_report, claim_is_enough)
 
     # -- heartbeats -----------------------------------------------------------------
     def _beat(self) -> None:
-        self._beats += 1
-        beat: dict[str, Any] = {"beat": self._beats, "done": self._done}
-        if self._done:
-            beat["error"] = self._outcome
-        if self._states is not None and not self._done:
-            beat["states"] = {str(k): v for k, v in self._states().items()}
-        self.js.set_json(_hb(self.node), beat)
-
-    def _read_beats(self) -> dict[int, dict[str, Any]]:
-        """Node 0: every node's last heartbeat, in one round trip (forged ones skipped)."""
-        payloads = self.js.multi_get([_hb(n) for n in range(self.nnodes)])
-        beats = {}
-        for node, payload in enumerate(payloads):
-            if payload is not None:
-                with contextlib.suppress(ValueError):
-                    beats[node] = json.loads(payload)
-        return beats
+        self.state.beats += 1
+        states = self._states() if self._states is not None and not self.state.done else None
+        self.ops.write_beat(
+            decide.beat_payload(self.state.beats, self.state.done, self.state.outcome, states)
+        )
 
     def mark_done(self, error: Optional[BaseException] = None) -> None:
         """Say this node is done, and how its part ended (``error``: it failed)."""
@@ -343,37 +233,36 @@ class JobCoordinator:
                 f"({type(error).__name__}: {error})",
                 node_rank=self.node,
             )
-        self._outcome = None if error is None else json.loads(encode_error(error))
-        self._done = True
+        self.state.outcome = None if error is None else FailureRecord.of(error).to_dict()
+        self.state.done = True
         self._beat()
 
     def wait_all_done(self, timeout: float) -> list[int]:
         """Node 0: wait until every node has said done; return the ones that did not."""
         deadline = time.monotonic() + timeout
         while True:
-            beats = self._read_beats()
-            self._peers = beats
-            missing = [n for n in range(self.nnodes) if not beats.get(n, {}).get("done")]
+            self.state.peers = self.ops.read_beats()
+            missing = decide.nodes_not_done(self.state.peers, self.nnodes)
             # A peer already declared lost (its heartbeats stopped) will not say done.
-            if not set(missing) - self._lost or time.monotonic() >= deadline:
+            if not set(missing) - self.state.lost or time.monotonic() >= deadline:
                 return missing
             time.sleep(_END_POLL_S)
 
     def failed_node(self) -> Optional[TorchrunJobError]:
         """Node 0, after :meth:`wait_all_done`: the first node whose done beat says it
-        failed. Each node writes that beat once, signed with this run's session, so a
-        forged or emptied failure key cannot turn a failed job into a completed one."""
-        for node in range(self.nnodes):
-            error = self._peers.get(node, {}).get("error")
-            if isinstance(error, dict):
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    return decode_error(json.dumps(error).encode())  # type: ignore[no-any-return]
-        return None
+        failed (see :func:`._job_decisions.failed_node`)."""
+        error = decide.failed_node(self.state.peers, self.nnodes)
+        if error is None:
+            return None
+        try:
+            return FailureRecord.from_dict(error).error()
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def wait_result(self, timeout: float) -> Optional[bytes]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            data = self.js.get_large("result")
+            data = self.ops.get_result()
             if data is not None:
                 return data
             if self.failure() is not None:
@@ -399,9 +288,9 @@ class JobCoordinator:
     def _abort(self, reason: TorchrunJobError) -> None:
         """Interrupt this node's agent: it stops its workers and returns."""
         with self._abort_lock:
-            if self.abort_reason is not None or self._stop.is_set():
+            if self.state.abort_reason is not None or self._stop.is_set():
                 return  # a watchdog late out of a store call must not signal a later job
-            self.abort_reason = reason
+            self.state.abort_reason = reason
             log.error("stopping this node's workers: %s", str(reason).splitlines()[0])
             if self._on_abort is not None:
                 self._on_abort(reason)
@@ -410,7 +299,6 @@ class JobCoordinator:
 
     def _watch(self) -> None:
         last_beat = 0.0
-        seen: dict[int, tuple[int, float]] = {}
         started = time.monotonic()
         unreachable_since: Optional[float] = None
         while not self._stop.wait(_POLL_S):
@@ -422,63 +310,48 @@ class JobCoordinator:
                     last_beat = now
                 failure = self.failure()
                 if self.is_server and beat_due:
-                    self._peers = self._read_beats()
+                    self.state.peers = self.ops.read_beats()
                 unreachable_since = None
             except Exception as exc:  # the store (node 0) is gone
                 unreachable_since = unreachable_since or now
-                if now - unreachable_since > min(self.peer_timeout, 10.0):
-                    self._abort(
-                        TorchrunJobError(
-                            f"node {self.node} lost contact with node 0, which hosts the job's "
-                            f"store ({type(exc).__name__}: {exc}); node 0 probably died",
-                            node=self.placement.rdzv_endpoint.rsplit(":", 1)[0],
-                            node_rank=0,
-                        )
-                    )
+                if decide.store_lost(unreachable_since, now, self.peer_timeout):
+                    self._abort(self._store_lost(exc))
                     return
                 continue
-            if failure is not None and failure.node_rank != self.node:
+            if decide.stop_for(failure, self.node):
+                assert failure is not None
                 self._abort(failure)
                 return
-            if self.is_server and beat_due:
-                lost = self._lost_peer(seen, now, now - started)
-                if lost is not None:
-                    if lost.node_rank is not None and not self._stop.is_set():
-                        self._lost.add(lost.node_rank)
-                    with contextlib.suppress(Exception):
-                        self.report_failure(lost)
-                    self._abort(lost)
-                    return
+            if self.is_server and beat_due and self._watch_peers(now, now - started):
+                return
 
-    def _lost_peer(
-        self, seen: dict[int, tuple[int, float]], now: float, running: float
-    ) -> Optional[TorchrunJobError]:
-        """Node 0: the first peer whose heartbeat stopped (or never started in time)."""
-        for peer in range(1, self.nnodes):
-            last, since = seen.get(peer, (-1, now))
-            beat = self._peers.get(peer)
-            if beat is not None and beat.get("done"):
-                continue
-            # A forged, unreadable or replayed (older) beat counts as no beat: only a higher
-            # count than seen before is progress, so it cannot hide a lost node.
-            count = int(beat.get("beat", 0)) if beat is not None else max(last, 0)
-            if count > last:
-                seen[peer] = (count, now)
-            elif last > 0 and now - since > self.peer_timeout:
-                return TorchrunJobError(
-                    f"node {peer} stopped sending heartbeats {now - since:.0f}s ago "
-                    "(its Hydra/agent process died or hangs): the job cannot finish",
-                    node=str(peer),
-                    node_rank=peer,
-                )
-            elif last <= 0 and running > self.never_beat_timeout:
-                return TorchrunJobError(
-                    f"node {peer} never joined the job's store within "
-                    f"{self.never_beat_timeout:.0f}s (it did not start, or cannot reach node 0)",
-                    node=str(peer),
-                    node_rank=peer,
-                )
-        return None
+    def _store_lost(self, exc: BaseException) -> TorchrunJobError:
+        return TorchrunJobError(
+            f"node {self.node} lost contact with node 0, which hosts the job's "
+            f"store ({type(exc).__name__}: {exc}); node 0 probably died",
+            node=self.placement.rdzv_endpoint.rsplit(":", 1)[0],
+            node_rank=0,
+        )
+
+    def _watch_peers(self, now: float, running: float) -> bool:
+        """Node 0: declare the first lost peer the job's failure and stop; True if so."""
+        lost, self.state.progress = decide.lost_peer(
+            self.state.peers,
+            self.state.progress,
+            now,
+            running,
+            self.nnodes,
+            self.peer_timeout,
+            self.never_beat_timeout,
+        )
+        if lost is None:
+            return False
+        if lost.node_rank is not None and not self._stop.is_set():
+            self.state.lost.add(lost.node_rank)
+        with contextlib.suppress(Exception):
+            self.report_failure(lost)
+        self._abort(lost)
+        return True
 
     def close(self) -> None:
         """Stop watching; node 0's store closes now (not at some garbage collection), so

@@ -337,12 +337,8 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    from hydra_torchrun_callback._worker import (
-        FAILURE_GRACE_ENV,
-        LOCAL_SLOT_ENV,
-        failure_grace,
-        run_worker,
-    )
+    from hydra_torchrun_callback._protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV
+    from hydra_torchrun_callback._worker import failure_grace, run_worker
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)

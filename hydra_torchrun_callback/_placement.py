@@ -27,6 +27,7 @@ __all__ = [
     "free_port",
     "host_share",
     "inside_torchrun_worker",
+    "job_store_ports",
     "plan_workers",
     "resolve_placement",
     "task_cpus",
@@ -328,6 +329,15 @@ def interface_address(name: str) -> Optional[str]:
     return socket.inet_ntoa(packed[20:24])
 
 
+def job_store_ports(master_port: Optional[int], run_id: str) -> tuple[int, ...]:
+    """Where a multi-task job's nodes meet: the ports node 0 may host the job's store on,
+    tried in order by every node (the first free one wins). ``master_port`` if the user
+    set it, else ports derived from the run id. The agents' c10d rendezvous runs on that
+    same store, so this is also the job's rendezvous (master) port; the one place that
+    decides it."""
+    return (master_port,) if master_port is not None else tuple(candidate_ports(run_id))
+
+
 def candidate_ports(job_id: str, count: int = 8) -> list[int]:
     """The ports node 0 may host the job's store on, in order, alike on every node.
 
@@ -425,6 +435,9 @@ class Placement:
     port_picked: bool
     #: Set for a multi-task job: node 0 hosts the job's store at ``rdzv_endpoint``.
     cluster: Optional[ClusterTask] = None
+    #: Multi-task job: the ports node 0 may host the job's store on, in order (see
+    #: :func:`job_store_ports`); ``rdzv_endpoint`` names the first until one is found.
+    store_ports: tuple[int, ...] = ()
     #: How this node's workers sit on a host it shares with other tasks of the job.
     plan: Optional[WorkerPlan] = None
 
@@ -624,7 +637,7 @@ def _cluster_placement(
             "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node)",
         )
     run_id = opts.rdzv_id or task.run_key(job_num)
-    port = opts.master_port or candidate_ports(run_id)[0]
+    ports = job_store_ports(opts.master_port, run_id)
     host = opts.master_addr or task.master_addr
     configs: dict[str, object] = dict(opts.rdzv_configs)
     # Node 0's Hydra process hosts the job's store itself; every agent joins it as a client.
@@ -635,11 +648,12 @@ def _cluster_placement(
         node_rank=task.task_rank,
         nproc_per_node=nproc_per_node,
         rdzv_backend="c10d",
-        rdzv_endpoint=f"{host}:{port}",
+        rdzv_endpoint=f"{host}:{ports[0]}",
         run_id=run_id,
         rdzv_configs=configs,
         local_addr=opts.local_addr,
         source=task.kind,
         port_picked=False,
         cluster=task,
+        store_ports=ports,
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
 __all__ = [
+    "FailureRecord",
     "TorchrunJobError",
     "TorchrunSetupError",
     "cap_text",
@@ -66,6 +68,97 @@ class TorchrunJobError(RuntimeError):
 
     def __reduce__(self) -> Any:  # keep the attributes across pickling (submitit)
         return (_rebuild_job_error, (self.args[0], self.__dict__))
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureRecord:
+    """One failure as it crosses a process or a host (a worker's claim, a node's report, a
+    node's done beat): JSON with its texts capped, never a pickle. The one list of what
+    a failure carries; :class:`TorchrunJobError` has the same attributes."""
+
+    rank: Optional[int] = None
+    local_rank: Optional[int] = None
+    node: Optional[str] = None
+    node_rank: Optional[int] = None
+    exc_type: Optional[str] = None
+    exc_message: Optional[str] = None
+    traceback: Optional[str] = None
+    exitcode: Optional[int] = None
+    #: The whole error text (empty in a worker's claim: its node builds it).
+    message: str = ""
+
+    @classmethod
+    def of(cls, error: BaseException) -> FailureRecord:
+        """The record of a job error (attributes it lacks stay None)."""
+        fields: dict[str, Any] = {
+            f.name: getattr(error, f.name, None) for f in dataclasses.fields(cls)
+        }
+        fields["message"] = str(error.args[0]) if error.args else str(error)
+        return cls(**fields).capped()
+
+    def capped(self) -> FailureRecord:
+        return dataclasses.replace(
+            self,
+            message=cap_text(self.message, keep_tail=True),
+            exc_message=cap_text(self.exc_message),
+            traceback=cap_text(self.traceback, keep_tail=True),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.capped())
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FailureRecord:
+        """A record read from another process or host: each field checked for its type
+        (raises ``ValueError``/``TypeError``/``KeyError`` on anything else)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a failure record is a JSON object, not {type(data).__name__}")
+
+        def num(name: str) -> Optional[int]:
+            return None if data.get(name) is None else int(data[name])
+
+        def text(name: str) -> Optional[str]:
+            return None if data.get(name) is None else str(data[name])
+
+        return cls(
+            rank=num("rank"),
+            local_rank=num("local_rank"),
+            node=text("node"),
+            node_rank=num("node_rank"),
+            exc_type=text("exc_type"),
+            exc_message=text("exc_message"),
+            traceback=text("traceback"),
+            exitcode=num("exitcode"),
+            message=str(data.get("message") or ""),
+        )
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> FailureRecord:
+        return cls.from_dict(json.loads(payload))
+
+    def error(self) -> TorchrunJobError:
+        """The job error this record describes (its message as written)."""
+        attrs = dataclasses.asdict(self)
+        return TorchrunJobError(attrs.pop("message"), **attrs)
+
+    def claimed_error(self) -> TorchrunJobError:
+        """A worker's own claim (no message yet) as the job's error, in its one format."""
+        if self.rank is None or self.local_rank is None or self.node_rank is None:
+            raise KeyError("a claim names its rank, local rank and node rank")
+        return job_error(
+            rank=self.rank,
+            local_rank=self.local_rank,
+            node=str(self.node),
+            node_rank=self.node_rank,
+            what=f"raised {self.exc_type}: {self.exc_message}",
+            exc_type=self.exc_type,
+            exc_message=self.exc_message,
+            traceback=self.traceback,
+            exitcode=1 if self.exitcode is None else self.exitcode,  # torch's @record's
+        )
 
 
 def _rebuild_job_error(message: str, attrs: dict[str, Any]) -> TorchrunJobError:

@@ -44,6 +44,13 @@ from typing import IO, Any, Optional
 
 from hydra_torchrun_callback._files import write_text_atomic
 from hydra_torchrun_callback._proc import descendants, job_pid, worker_root
+from hydra_torchrun_callback._protocol import (
+    DUMP_SIGNALS,
+    JOB_FILE,
+    STACKS_DIR,
+    STACKS_SIGNAL,
+    dump_paths,
+)
 
 __all__ = [
     "STACKS_SIGNAL",
@@ -57,17 +64,6 @@ __all__ = [
 
 log = logging.getLogger("hydra_torchrun_callback")
 
-#: Dumps the stacks without stopping anything. SLURM and submitit use SIGUSR1, SIGUSR2
-#: and SIGTERM; SIGURG is ignored by default, so sent to the wrong process (or before
-#: a handler is in place) it does nothing. Sent to a node's Hydra process, it makes
-#: every rank of that node dump its stacks into its log.
-STACKS_SIGNAL = signal.SIGURG
-#: The signals by which a job stops its workers: each dumps the stacks first.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-#: The folder in the job's output dir where requests and answers meet.
-STACKS_DIR = ".torchrun_stacks"
-JOB_FILE = "job.json"
 _REQUEST_ID = re.compile(r"^[0-9]{10}-[0-9a-f]{8}$")
 #: How long a node waits for its workers' dumps (faulthandler writes at once; a worker
 #: that never answers is reported as such).
@@ -82,12 +78,6 @@ _POLL_S = 0.5
 _armed: list[IO[bytes]] = []  # faulthandler keeps the files; so do we, for clarity
 
 
-def dump_paths(folder: str, rank: int, pid: int) -> tuple[Path, Path]:
-    """(stop dump file, on-demand dump file) of one worker process."""
-    base = Path(folder) / f"{rank}-{pid}"
-    return base.with_suffix(".stop"), base.with_suffix(".stacks")
-
-
 def arm_worker(folder: Optional[str], rank: int) -> None:
     """Have faulthandler dump this worker's stacks on a stop signal and on demand."""
     if not folder:
@@ -99,7 +89,7 @@ def arm_worker(folder: Optional[str], rank: int) -> None:
     except OSError:
         return  # never a reason for the task to fail
     _armed[:] = [stop_file, demand_file]
-    for sig in STOP_SIGNALS:
+    for sig in DUMP_SIGNALS:
         if signal.getsignal(sig) is signal.SIG_IGN:
             continue  # the process ignores it: a dump would be noise
         faulthandler.register(sig, file=stop_file, all_threads=True, chain=True)
@@ -109,7 +99,7 @@ def arm_worker(folder: Optional[str], rank: int) -> None:
 
 
 def _disarm() -> None:
-    for sig in (*STOP_SIGNALS, STACKS_SIGNAL):
+    for sig in (*DUMP_SIGNALS, STACKS_SIGNAL):
         with contextlib.suppress(Exception):
             faulthandler.unregister(sig)
 

@@ -42,7 +42,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra_torchrun_callback._result import cap_text
+from hydra_torchrun_callback._protocol import (
+    HELLO_KEY,
+    SECRET_FILE_ENV,
+    chunk_key,
+    hello_session,
+)
 
 __all__ = [
     "JobStore",
@@ -57,7 +62,6 @@ __all__ = [
 
 log = logging.getLogger("hydra_torchrun_callback")
 
-SECRET_FILE_ENV = "HYDRA_TORCHRUN_SECRET_FILE"
 _SECRET_BYTES = 32
 MAGIC = b"HTR1"
 _MAC_LEN = 32
@@ -269,7 +273,7 @@ class JobStore:
         """``data`` of any size, in signed chunks; the manifest is written last."""
         count = max(1, -(-len(data) // CHUNK))
         for i in range(count):
-            self.set(f"{name}#{i}", data[i * CHUNK : (i + 1) * CHUNK])
+            self.set(chunk_key(name, i), data[i * CHUNK : (i + 1) * CHUNK])
         digest = hashlib.sha256(data).hexdigest()
         self.set_json(name, {"chunks": count, "size": len(data), "sha256": digest})
 
@@ -279,7 +283,7 @@ class JobStore:
             return None
         parts = []
         for i in range(int(manifest["chunks"])):
-            part = self.get(f"{name}#{i}")
+            part = self.get(chunk_key(name, i))
             if part is None:
                 return None
             parts.append(part)
@@ -290,41 +294,18 @@ class JobStore:
         return data
 
 
-# -- failure records (JSON, capped) ------------------------------------------------------
-_ERROR_FIELDS = ("rank", "local_rank", "node", "node_rank", "exc_type", "exitcode")
-
-
+# -- failure records (JSON, capped: see _result.FailureRecord) ----------------------------
 def encode_error(error: Any) -> bytes:
     """A TorchrunJobError as JSON, texts capped (never a pickle)."""
-    data = {name: getattr(error, name, None) for name in _ERROR_FIELDS}
-    data["message"] = cap_text(str(error.args[0]) if error.args else str(error), keep_tail=True)
-    data["exc_message"] = cap_text(getattr(error, "exc_message", None))
-    data["traceback"] = cap_text(getattr(error, "traceback", None), keep_tail=True)
-    return json.dumps(data).encode()
+    from hydra_torchrun_callback._result import FailureRecord
+
+    return FailureRecord.of(error).to_json()
 
 
 def decode_error(payload: bytes) -> Any:
-    from hydra_torchrun_callback._result import TorchrunJobError
+    from hydra_torchrun_callback._result import FailureRecord
 
-    data = json.loads(payload)
-
-    def num(name: str) -> Optional[int]:
-        return None if data.get(name) is None else int(data[name])
-
-    def text(name: str) -> Optional[str]:
-        return None if data.get(name) is None else str(data[name])
-
-    return TorchrunJobError(
-        str(data.get("message", "")),
-        rank=num("rank"),
-        local_rank=num("local_rank"),
-        node=text("node"),
-        node_rank=num("node_rank"),
-        exc_type=text("exc_type"),
-        exc_message=text("exc_message"),
-        traceback=text("traceback"),
-        exitcode=num("exitcode"),
-    )
+    return FailureRecord.from_json(payload).error()
 
 
 # -- opening the store ---------------------------------------------------------------------
@@ -371,7 +352,7 @@ class ForeignStoreError(RuntimeError):
 
 
 def hello_signer(secret: bytes, run_id: str) -> Signer:
-    return Signer(secret, f"hello/{run_id}")
+    return Signer(secret, hello_session(run_id))
 
 
 def host_job_store(
@@ -400,7 +381,7 @@ def host_job_store(
         for name, value in (initial or {}).items():
             job_store.set(name, value)
         hello = hello_signer(secret, run_id)
-        key = prefix + "hello"
+        key = prefix + HELLO_KEY
         payload = json.dumps({"run_id": run_id, "nonce": nonce}).encode()
         store.set(key, hello.seal(key, payload))
         return job_store, port
@@ -425,7 +406,7 @@ def join_job_store(
     next candidate is tried. Node 0 may start late, so the list is tried again until
     ``timeout``."""
     hello = hello_signer(secret, run_id)
-    key = prefix + "hello"
+    key = prefix + HELLO_KEY
     deadline = time.monotonic() + timeout
     foreign: set[int] = set()
     while True:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback._files import write_text_atomic
+from hydra_torchrun_callback._protocol import RECORDS_ENV, SUMMARY_FILE
 from hydra_torchrun_callback._stacks import (
     Frame,
     group_by_frame,
@@ -45,12 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("hydra_torchrun_callback")
-
-#: Environment variable naming the folder where a node's workers leave their records.
-RECORDS_ENV = "HYDRA_TORCHRUN_RECORDS"
-#: The JSON file written beside the job's ``.hydra/`` folder.
-SUMMARY_FILE = "torchrun_summary.json"
-
 
 #: A rank's outcome detail ("ValueError: boom") is cut to this many characters.
 _MAX_DETAIL = 1000

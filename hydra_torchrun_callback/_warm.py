@@ -38,9 +38,9 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from hydra_torchrun_callback._proc import die_with_parent
+from hydra_torchrun_callback._protocol import WARM_PARENT_ENV
 
 __all__ = [
-    "PARENT_ENV",
     "SHIELDED",
     "WARM_PRELOAD",
     "bind_to_parent",
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 #: The Hydra process's pid, for the server to bind its life to (set while starting it).
-PARENT_ENV = "HYDRA_TORCHRUN_WARM_PARENT"
 
 #: What the server imports once, in this order. This module comes first: it binds the
 #: server's life to the Hydra process before the slow imports.
@@ -97,15 +96,15 @@ def restore_signals() -> None:
 
 def bind_to_parent(environ: Any = os.environ) -> bool:
     """In the warm server (a direct child of the Hydra process that named itself in
-    :data:`PARENT_ENV`): die by SIGKILL when the Hydra process dies. True if bound.
+    :data:`WARM_PARENT_ENV`): die by SIGKILL when the Hydra process dies. True if bound.
 
     Anywhere else (the Hydra process, a worker importing this module) it does nothing.
     """
-    parent = environ.get(PARENT_ENV, "")
+    parent = environ.get(WARM_PARENT_ENV, "")
     # SIGKILL: the server holds nothing to clean up.
     if not parent.isdigit() or not die_with_parent(int(parent)):
         return False
-    environ.pop(PARENT_ENV, None)  # its forks (the workers) are not the server
+    environ.pop(WARM_PARENT_ENV, None)  # its forks (the workers) are not the server
     _shield()
     return True
 
@@ -155,12 +154,12 @@ def start_warm() -> Optional[int]:
     from multiprocessing import forkserver
 
     multiprocessing.set_forkserver_preload(list(WARM_PRELOAD))
-    os.environ[PARENT_ENV] = str(os.getpid())
+    os.environ[WARM_PARENT_ENV] = str(os.getpid())
     try:
         with no_main_reimport():
             forkserver.ensure_running()
     finally:
-        os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(WARM_PARENT_ENV, None)
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return int(pid) if pid is not None else None
 

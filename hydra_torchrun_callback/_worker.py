@@ -23,9 +23,14 @@ from typing import Any, Optional
 
 from hydra_torchrun_callback import _pickling
 from hydra_torchrun_callback._proc import die_with_parent
+from hydra_torchrun_callback._protocol import (
+    FAILURE_GRACE_ENV,
+    LOCAL_SLOT_ENV,
+    RECORDS_ENV,
+)
 from hydra_torchrun_callback._result import to_cpu
 from hydra_torchrun_callback._stacks import arm_worker
-from hydra_torchrun_callback._summary import RECORDS_ENV, WorkerRecord
+from hydra_torchrun_callback._summary import WorkerRecord
 from hydra_torchrun_callback._warm import restore_signals
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
@@ -194,13 +199,11 @@ def adopt_agent_env(env: dict[str, str]) -> None:
             os.environ[key] = value
 
 
-#: "offset:host_workers" from the agent: this node shares its host with other tasks.
-LOCAL_SLOT_ENV = "HYDRA_TORCHRUN_LOCAL_SLOT"
-#: Seconds a raising worker waits before it exits (from the agent: its monitor interval
-#: plus a margin). torch's agent reports only the first failure it sees in a monitor tick;
-#: a peer killed by a signal (which caused this exception: gloo's "connection closed")
-#: must be seen first, as it is when workers are spawned and exit slowly.
-FAILURE_GRACE_ENV = "HYDRA_TORCHRUN_FAILURE_GRACE"
+#: How long a raising worker waits before it exits (FAILURE_GRACE_ENV, from the agent:
+#: its monitor interval plus a margin). torch's agent reports only the first failure it
+#: sees in a monitor tick; a peer killed by a signal (which caused this exception: gloo's
+#: "connection closed") must be seen first, as it is when workers are spawned and exit
+#: slowly.
 
 
 def failure_grace(monitor_interval: float) -> float:
@@ -304,7 +307,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
     it causes in other ranks (they fail once this process is gone). The details let
     node 0 name the root cause even when this node's agent is stopped (by the other
     nodes' failures) before it can report it."""
-    from hydra_torchrun_callback._coordination import (
+    from hydra_torchrun_callback._protocol import (
         FIRST_FAILED_KEY,
         FIRST_FAILURE_KEY,
         JOB_STORE_ENV,
@@ -320,7 +323,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
 
         import torch.distributed as dist
 
-        from hydra_torchrun_callback._result import cap_text
+        from hydra_torchrun_callback._result import FailureRecord
         from hydra_torchrun_callback._store import JobStore, Signer, load_secret
 
         address, prefix, session = spec.split(" ", 2)
@@ -334,16 +337,16 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
         )
         job_store = JobStore(store, prefix, Signer(load_secret(os.environ), session))
         if job_store.claim(FIRST_FAILED_KEY, str(rank).encode()):
-            detail = {
-                "rank": rank,
-                "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-                "node_rank": int(os.environ.get("GROUP_RANK", 0)),
-                "node": socket.gethostname(),
-                "exc_type": type(exc).__name__,
-                "exc_message": cap_text(str(exc)),
-                "traceback": cap_text(traceback.format_exc(), keep_tail=True),
-            }
-            job_store.set_json(FIRST_FAILURE_KEY, detail)
+            claim = FailureRecord(
+                rank=rank,
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                node_rank=int(os.environ.get("GROUP_RANK", 0)),
+                node=socket.gethostname(),
+                exc_type=type(exc).__name__,
+                exc_message=str(exc),
+                traceback=traceback.format_exc(),
+            )
+            job_store.set_json(FIRST_FAILURE_KEY, claim.to_dict())
     except Exception:  # never mask the task's own error
         pass
 

@@ -1,0 +1,350 @@
+"""What a node runs for one Hydra job: placement -> job store -> agent -> rank 0's value.
+
+The Hydra process builds one :class:`NodeJob` (the job's config and task, what only it
+knows, the parsed options), pickles it once, and hands it to :func:`run_node`: in a fork
+of the warm server (the default: the Hydra process never imports torch) or in itself
+(``start_method=spawn``/``fork``, ``HYDRA_TORCHRUN_AGENT_IN_SERVER=0``). Nothing here
+imports the callback: the node side depends on the job, not on the Hydra process's class.
+
+The route of rank 0's return value to Hydra: the worker pickles it (``_worker``) ->
+torch's agent returns it per rank (``_launch.launch``) -> this node has rank 0's bytes,
+or node 0 reads them from the job store (``_coordination``) -> :func:`run_node` returns
+them -> the agent pipe (``_agent_host``) or the call itself -> the callback unpickles them
+and Hydra's diverted call of the task returns them (``_callback``, ``_divert``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_torchrun_callback._options import Options, with_log_dir
+from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+
+__all__ = ["JobOrigin", "NodeJob", "pin_now_interpolations", "run_node", "unpicklable_task_error"]
+
+log = logging.getLogger("hydra_torchrun_callback")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOrigin:
+    """What the agent needs from the Hydra process itself, read there (the agent may run
+    in a fork of the warm server, which has neither the app's resolvers nor its
+    ``__main__``)."""
+
+    started: float  # when the job reached the callback (the summary's wall time)
+    resolvers: dict[str, bytes]  # custom OmegaConf resolvers, each pickled
+    main_module: Optional[tuple[str, str]]  # the app's __main__, for workers to import
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeJob:
+    """One Hydra job as a node runs it: built once in the Hydra process, pickled once."""
+
+    config: DictConfig  # the job's config, ``hydra`` node included
+    task: Any  # the task function Hydra calls
+    origin: JobOrigin  # what only the Hydra process knows
+    options: Options  # parsed in the Hydra process (PET_* and the installed torch)
+
+
+class JobReport:
+    """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
+
+    def __init__(self, placement: Any, started: float) -> None:
+        from hydra_torchrun_callback._summary import NodeRecords
+
+        self.placement = placement
+        self.started = started
+        self.records = NodeRecords()
+        self.rows: list[dict[str, Any]] = []
+        self.missing_nodes: list[int] = []
+        self.error: Optional[BaseException] = None
+
+    def publish(self, output_dir: str) -> None:
+        """Log the table and save the JSON (nothing when no worker started)."""
+        from hydra_torchrun_callback._summary import build_summary, render_table, write_summary
+
+        rows = self.rows or self.records.rows(self.placement.node_rank, socket.gethostname())
+        if not rows:
+            return
+        summary = build_summary(
+            rows,
+            run_id=self.placement.run_id,
+            nnodes=self.placement.max_nodes,
+            nproc_per_node=self.placement.nproc_per_node,
+            wall_s=time.time() - self.started,
+            error=self.error,
+            missing_nodes=self.missing_nodes,
+        )
+        log.info("%s", render_table(summary))
+        write_summary(summary, output_dir)
+
+
+def _stack_service(
+    output_dir: str, placement: Any, report: JobReport, relay: Any = None
+) -> contextlib.AbstractContextManager[Any]:
+    """Answer ``hydra-torchrun-summary --stacks`` (and SIGURG) while the agent runs."""
+    from hydra_torchrun_callback._stacks import StackService
+
+    job = {
+        "run_id": placement.run_id,
+        "nnodes": placement.max_nodes,
+        "nproc_per_node": placement.nproc_per_node,
+        "world_size": placement.max_nodes * placement.nproc_per_node,
+        "started": report.started,
+    }
+    records = report.records
+    return StackService(output_dir, records.dir, records.live, placement.node_rank, job, relay)
+
+
+def unpicklable_task_error(task_function: Any, exc: BaseException) -> TorchrunSetupError:
+    return TorchrunSetupError(
+        f"the task function {getattr(task_function, '__qualname__', task_function)!r}"
+        f" or its config cannot be pickled for the workers ({type(exc).__name__}: "
+        f"{exc}). Fix: keep locks, open files, sockets and other process-bound "
+        "objects out of the task's closure and config; create them inside the task."
+    )
+
+
+def pin_now_interpolations(config: DictConfig) -> None:
+    """Resolve every ``${now:...}`` once here: the resolver cache travels with
+    the pickled config, so workers see the Hydra process's timestamps."""
+
+    def walk(node: Any, path: str) -> None:
+        keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else [*range(len(node))]
+        for key in keys:
+            child = node._get_node(key)
+            sub = f"{path}.{key!s}" if path else f"{key!s}"
+            if child is None:
+                continue
+            if OmegaConf.is_config(child):
+                walk(child, sub)
+                continue
+            raw = child._value()
+            if isinstance(raw, str) and "${now:" in raw:
+                # An unrelated broken interpolation is the task's to report, not ours.
+                with contextlib.suppress(Exception):
+                    OmegaConf.select(config, sub, throw_on_missing=False)
+
+    walk(config, "")
+
+
+def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Optional[bytes]:
+    """Place this node, start its agent and workers; rank 0's pickled value (node 0).
+
+    ``adopt(config, own_dir, node0_dir)`` moves this node's job into node 0's output dir
+    when they differ (the Hydra process owns the log files it moves)."""
+    config, task_function, origin, opts = job.config, job.task, job.origin, job.options
+    from hydra_torchrun_callback._store import reset_rejections
+
+    reset_rejections()  # each job logs (and names) the forgeries it saw itself
+    from hydra_torchrun_callback._placement import (
+        check_port_free,
+        detect_cluster,
+        host_share,
+        interface_address,
+        plan_workers,
+        resolve_placement,
+        task_cpus,
+        usable_cpus,
+    )
+    from hydra_torchrun_callback._warm import overlaps_imports, start_warm
+
+    started = origin.started
+    task = detect_cluster(os.environ, opts.cluster)
+    cpus = task_cpus(os.environ, usable_cpus(), task)
+    warm = opts.start_method == "forkserver"
+    if warm and overlaps_imports(cpus):
+        start_warm()  # a node's first job: nothing is warm yet
+    import torch
+
+    if warm:
+        start_warm()  # no-op when already running
+
+    from hydra_torchrun_callback import _pickling
+    from hydra_torchrun_callback._launch import launch
+    from hydra_torchrun_callback._worker import WorkerPayload
+
+    # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
+    # split among the job's tasks on it; CPUs from this task's affinity mask.
+    share = host_share(os.environ, task)
+    plan = plan_workers(
+        opts.nproc_per_node,
+        share,
+        cpus,
+        torch.cuda.device_count() if share.host_gpus is None else 0,
+    )
+    job_num = OmegaConf.select(config, "hydra.job.num", default=0)
+    placement = resolve_placement(
+        opts, os.environ, plan.nproc, job_num=job_num if isinstance(job_num, int) else 0
+    )
+    placement = dataclasses.replace(placement, plan=plan)
+    if placement.local_addr:  # an interface name (ib0) is resolved on each node
+        address = interface_address(placement.local_addr)
+        if address is not None:
+            placement = dataclasses.replace(placement, local_addr=address)
+    if placement.source == "local" and not placement.port_picked:
+        check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
+    output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise TorchrunSetupError(
+            f"the job's output dir {output_dir} is not writable, so the workers could not "
+            "write their logs there. Fix: make it writable or point hydra.run.dir / "
+            "hydra.sweep.dir at a writable place."
+        )
+    opts = with_log_dir(opts, output_dir)  # files the user asked for are kept
+    pin_now_interpolations(config)
+
+    def make_payload() -> bytes:
+        try:
+            return _pickling.dumps(
+                WorkerPayload(
+                    task=task_function,
+                    config=config,
+                    cwd=os.getcwd(),
+                    started=started,
+                    resolvers=origin.resolvers,
+                    main_module=origin.main_module,
+                )
+            )
+        except Exception as exc:
+            raise unpicklable_task_error(task_function, exc) from exc
+
+    def payload_in(job_dir: str) -> Optional[bytes]:
+        """Node 0 decided the job's output dir (``${now:}`` resolved at another time
+        here): take it, then pickle the job as it now is (None: kept our own)."""
+        return make_payload() if adopt(config, output_dir, job_dir) else None
+
+    payload = make_payload()
+    log.info("%s", placement.describe())
+    report = JobReport(placement, started)
+    try:
+        if placement.cluster is None:
+            with (
+                _heartbeat(opts, placement, report.records.rank_states),
+                _stack_service(output_dir, placement, report),
+            ):
+                data = launch(opts, placement, payload, records=report.records).rank0_payload
+            report.records.harvest_stacks()
+            report.rows = report.records.rows(0, socket.gethostname())
+        else:
+            data = _run_multinode(opts, placement, payload, report, output_dir, payload_in)
+    except BaseException as exc:
+        report.error = exc
+        raise
+    finally:
+        report.records.harvest_stacks()  # the stacks of ranks the stop interrupted
+        if opts.summary and placement.node_rank == 0:
+            report.publish(output_dir)
+        report.records.close()
+    return data
+
+
+def _heartbeat(opts: Any, placement: Any, states: Any) -> contextlib.AbstractContextManager[Any]:
+    if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
+        return contextlib.nullcontext()
+    from hydra_torchrun_callback._summary import Heartbeat
+
+    world = placement.max_nodes * placement.nproc_per_node
+    return Heartbeat(opts.heartbeat_interval, world, states)
+
+
+def _run_multinode(
+    opts: Any,
+    placement: Any,
+    payload: bytes,
+    report: JobReport,
+    output_dir: str,
+    payload_in: Callable[[str], Optional[bytes]],
+) -> Optional[bytes]:
+    """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
+    from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
+    from hydra_torchrun_callback._launch import launch
+    from hydra_torchrun_callback._store import SecretError, load_secret
+
+    try:
+        secret = load_secret(os.environ)
+    except (SecretError, OSError) as exc:
+        raise TorchrunSetupError(str(exc)) from exc
+    # A node that never beats counts as lost after torch's rendezvous join timeout.
+    join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
+    coord = JobCoordinator(
+        placement,
+        opts.peer_timeout,
+        secret,
+        join_timeout=join_timeout,
+        job_dir=output_dir,
+    )
+    placement = coord.placement  # with the port the job's store was found on
+    node0 = placement.node_rank == 0
+    job_dir = coord.job_dir()
+    if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
+        adopted = payload_in(job_dir)
+        if adopted is not None:
+            payload, output_dir = adopted, job_dir
+    records = report.records
+
+    def states() -> dict[int, str]:
+        return {**coord.states_elsewhere(), **records.rank_states()}
+
+    def finish(wait: float = opts.peer_timeout, error: Optional[BaseException] = None) -> list[int]:
+        """Publish this node's rows, say done (and how this node's part ended); node 0
+        waits for the others."""
+        records.harvest_stacks()
+        with contextlib.suppress(Exception):
+            coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
+        coord.mark_done(error)
+        if not node0:
+            return []
+        missing = coord.wait_all_done(timeout=wait)
+        report.rows, report.missing_nodes = coord.gather_rows()
+        return missing
+
+    try:
+        try:
+            with (
+                _heartbeat(opts, placement, states),
+                _stack_service(output_dir, placement, report, StacksRelay(coord)),
+            ):
+                data = launch(opts, placement, payload, coord, records).rank0_payload
+        except TorchrunJobError as err:
+            if coord.abort_reason is not err:
+                coord.report_failure(err)
+            root = coord.root_cause(err, timeout=10.0)
+            finish(error=root or err)
+            raise (root or err) from None
+        except (SystemExit, KeyboardInterrupt) as stop:
+            # Stopped (scancel, a time limit, Ctrl-C): the summary still shows every
+            # node's ranks and where they were, if the others report back quickly
+            # (SLURM's KillWait leaves 30 s by default).
+            with contextlib.suppress(Exception):
+                finish(wait=min(opts.peer_timeout, 5.0), error=stop)
+            raise
+        if data is not None and not node0:  # node 0 returns its own, not via the store
+            coord.put_result(data)
+        missing = finish()
+        if not node0:
+            return None  # only node 0's JobReturn carries the job's value
+        # Each node's signed done beat says how its part ended: a forged or emptied
+        # failure key cannot make a failed job look completed.
+        failure = coord.failure() or coord.failed_node()
+        if failure is not None:
+            raise failure
+        if data is None:
+            data = coord.wait_result(timeout=5.0)
+        if data is None:
+            raise TorchrunSetupError(
+                "the job finished but global rank 0's return value never reached node 0"
+                + (f" (nodes {missing} did not report back)" if missing else "")
+            )
+        return data
+    finally:
+        coord.close()
