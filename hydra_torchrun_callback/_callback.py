@@ -234,7 +234,7 @@ class TorchrunCallback(Callback):
             # The agent runs in a fork of the warm server: this process never imports
             # torch (see _agent_host). The job is pickled here, once, so that an
             # unpicklable task fails before anything starts, with the usual error.
-            from hydra_torchrun_callback._agent_host import run_in_warm_server
+            from hydra_torchrun_callback._agent_link import run_in_warm_server
             from hydra_torchrun_callback._launch import preemption_signal
 
             try:

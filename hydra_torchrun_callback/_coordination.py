@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 from hydra_torchrun_callback import _job_decisions as decide
 from hydra_torchrun_callback._job_ops import JobOps, initial_keys
@@ -42,6 +42,7 @@ from hydra_torchrun_callback._protocol import JOB_STORE_ENV, job_prefix
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError, TorchrunSetupError
 from hydra_torchrun_callback._store import (
     ForeignStoreError,
+    JobStore,
     Signer,
     host_job_store,
     join_job_store,
@@ -56,6 +57,45 @@ _POLL_S = 0.25
 #: one or two store reads, and it is on the critical path of every multi-node job.
 _END_POLL_S = 0.05
 _HEARTBEAT_S = 1.0
+
+
+def open_job_store(
+    placement: Placement,
+    candidates: Sequence[int],
+    secret: bytes,
+    timeout: float,
+    initial: Mapping[str, bytes],
+) -> tuple[JobStore, int]:
+    """Node 0 hosts the job's store on the first free candidate port (with ``initial``
+    keys); every other node joins the one that proves it belongs to the job. Returns the
+    store and its port; a clear setup error naming the fix otherwise."""
+    host = placement.rdzv_endpoint.rsplit(":", 1)[0]
+    prefix = job_prefix(placement.run_id)
+    node = placement.node_rank
+    try:
+        if node == 0:
+            return host_job_store(
+                host, candidates, secret, placement.run_id, prefix, timeout, dict(initial)
+            )
+        return join_job_store(host, candidates, secret, placement.run_id, prefix, timeout)
+    except Exception as exc:
+        where = f"port {candidates[0]}" if len(candidates) == 1 else f"ports {list(candidates)}"
+        if node == 0:
+            raise TorchrunSetupError(
+                f"node 0 could not host the job's rendezvous store on {where} "
+                f"({type(exc).__name__}: {exc}). Other processes hold it: set "
+                "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
+            ) from exc
+        why = str(exc) if isinstance(exc, ForeignStoreError) else f"{type(exc).__name__}: {exc}"
+        raise TorchrunSetupError(
+            f"node {node} could not reach the job's rendezvous store at {host} "
+            f"({where}) within {timeout:.0f}s: {why}. Is node 0 running, and does "
+            "its address resolve from here (hydra.callbacks.torchrun.master_addr / "
+            "local_addr)? Do all nodes share the key file "
+            "~/.config/hydra-torchrun-callback/secret (or HYDRA_TORCHRUN_SECRET_FILE)? If "
+            "another job holds the port, set hydra.callbacks.torchrun.master_port to a free "
+            "port (same on all nodes)."
+        ) from exc
 
 
 class JobCoordinator:
@@ -85,34 +125,9 @@ class JobCoordinator:
         # Node 0 may start much later than the others (submitit can start nodes minutes
         # apart): wait for it as long as torch's rendezvous would.
         connect_timeout = 2 * peer_timeout if self.is_server else (join_timeout or 2 * peer_timeout)
-        initial = initial_keys(self.nnodes, job_dir)
-        try:
-            if self.is_server:
-                self.js, chosen = host_job_store(
-                    host, candidates, secret, placement.run_id, prefix, connect_timeout, initial
-                )
-            else:
-                self.js, chosen = join_job_store(
-                    host, candidates, secret, placement.run_id, prefix, connect_timeout
-                )
-        except Exception as exc:
-            where = f"port {candidates[0]}" if len(candidates) == 1 else f"ports {candidates}"
-            if self.is_server:
-                raise TorchrunSetupError(
-                    f"node 0 could not host the job's rendezvous store on {where} "
-                    f"({type(exc).__name__}: {exc}). Other processes hold it: set "
-                    "hydra.callbacks.torchrun.master_port to a free port (same on all nodes)."
-                ) from exc
-            why = str(exc) if isinstance(exc, ForeignStoreError) else f"{type(exc).__name__}: {exc}"
-            raise TorchrunSetupError(
-                f"node {self.node} could not reach the job's rendezvous store at {host} "
-                f"({where}) within {connect_timeout:.0f}s: {why}. Is node 0 running, and does "
-                "its address resolve from here (hydra.callbacks.torchrun.master_addr / "
-                "local_addr)? Do all nodes share the key file "
-                "~/.config/hydra-torchrun-callback/secret (or HYDRA_TORCHRUN_SECRET_FILE)? If "
-                "another job holds the port, set hydra.callbacks.torchrun.master_port to a free "
-                "port (same on all nodes)."
-            ) from exc
+        self.js, chosen = open_job_store(
+            placement, candidates, secret, connect_timeout, initial_keys(self.nnodes, job_dir)
+        )
         #: The placement with the port the store was found on.
         self.placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")
         self.store = self.js.store
@@ -135,44 +150,17 @@ class JobCoordinator:
         """Why this node's agent was interrupted (a failure elsewhere), if it was."""
         return self.state.abort_reason
 
-    # -- what nodes tell each other (see _job_ops for the keys) -------------------------
-    def job_dir(self) -> Optional[str]:
-        return self.ops.job_dir()
-
-    def put_result(self, data: bytes) -> None:
-        self.ops.put_result(data)
-
-    def first_failed_rank(self) -> Optional[int]:
-        return self.ops.first_failed_rank()
-
+    # -- what nodes tell each other (``ops``: the store operations, see _job_ops) ----------
     def report_failure(self, error: TorchrunJobError) -> None:
         self.ops.report_failure(error)
 
     def failure(self) -> Optional[TorchrunJobError]:
-        try:
-            return self.ops.failure()
-        except (ValueError, TypeError, KeyError):
-            return None
-
-    def claimed_failure(self) -> Optional[TorchrunJobError]:
-        return self.ops.claimed_failure()
-
-    def put_rows(self, rows: list[dict[str, Any]]) -> None:
-        self.ops.put_rows(rows)
-
-    def gather_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
-        """Node 0: every node's summary rows, and the nodes that sent none."""
-        return self.ops.gather_rows()
+        """The job's published failure (raises when the store cannot be reached)."""
+        return self.ops.failure()
 
     def states_elsewhere(self) -> dict[int, str]:
         """Rank states the other nodes last published (node 0, for its heartbeat line)."""
         return self.state.states_elsewhere()
-
-    def publish_stacks_request(self, request: str) -> None:
-        self.ops.publish_stacks_request(request)
-
-    def stacks_requests(self, after: int) -> tuple[int, list[str]]:
-        return self.ops.stacks_requests(after)
 
     def root_cause(
         self,
@@ -206,11 +194,11 @@ class JobCoordinator:
             time.sleep(_POLL_S)
 
     def _root_candidate(self, claim_is_enough: bool) -> Optional[TorchrunJobError]:
-        first, failure = self.first_failed_rank(), self.failure()
+        first, failure = self.ops.first_failed_rank(), self.failure()
         claimed = claimer_report = None
         if first is not None and (failure is None or failure.rank != first):
             try:
-                claimed = self.claimed_failure()
+                claimed = self.ops.claimed_failure()
                 if claimed is not None and claimed.node_rank is not None:
                     claimer_report = self.ops.node_failure(claimed.node_rank)
             except Exception:
@@ -369,8 +357,8 @@ class StacksRelay:
         self.seen = 0
 
     def publish(self, request: str) -> None:
-        self.coord.publish_stacks_request(request)
+        self.coord.ops.publish_stacks_request(request)
 
     def poll(self) -> list[str]:
-        self.seen, new = self.coord.stacks_requests(self.seen)
+        self.seen, new = self.coord.ops.stacks_requests(self.seen)
         return new

@@ -1,8 +1,8 @@
-"""Every operation the job's nodes do on their job store, and every key they use.
+"""Every operation the job's nodes do on their job store.
 
 The store itself (signing, encoding, chunking, hosting and joining) is
-:mod:`._store`'s; this module names the key families and says what goes in each, so
-one file tells what the nodes of a job write to each other:
+:mod:`._store`'s and the key families are named in :mod:`._protocol`; this module says
+what the nodes of a job write to each other, and when:
 
 ========================  ============================================================
 key                       what
@@ -26,38 +26,25 @@ import contextlib
 import json
 from typing import Any, Optional
 
+from hydra_torchrun_callback._protocol import (
+    FAILURE_KEY,
+    FIRST_FAILED_KEY,
+    FIRST_FAILURE_KEY,
+    JOBDIR_KEY,
+    RESULT_KEY,
+    STACKS_COUNT_KEY,
+    heartbeat_key,
+    node_failure_key,
+    rows_key,
+    stacks_key,
+)
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError
 from hydra_torchrun_callback._store import JobStore, decode_error, encode_error
 
-__all__ = ["FAILURE_KEY", "FIRST_FAILED_KEY", "FIRST_FAILURE_KEY", "JobOps", "initial_keys"]
+__all__ = ["JobOps", "initial_keys"]
 
-FAILURE_KEY = "failure"
-#: Key a failing worker claims (compare_set) before its exception propagates: peers
-#: only fail after it, so the claim orders the root cause before any consequence.
-FIRST_FAILED_KEY = "first_failed_rank"
-#: What the claiming worker raised (JSON), written right after its claim.
-FIRST_FAILURE_KEY = "first_failure"
-RESULT_KEY = "result"
-JOBDIR_KEY = "jobdir"
-STACKS_COUNT_KEY = "stacks/count"
 #: The job's failure slot holds this until a node fills it.
 NO_FAILURE = b""
-
-
-def heartbeat_key(node: int) -> str:
-    return f"hb/{node}"
-
-
-def node_failure_key(node: int) -> str:
-    return f"{FAILURE_KEY}/{node}"
-
-
-def rows_key(node: int) -> str:
-    return f"rows/{node}"
-
-
-def stacks_key(number: int) -> str:
-    return f"stacks/{number}"
 
 
 def initial_keys(nnodes: int, job_dir: Optional[str]) -> dict[str, bytes]:

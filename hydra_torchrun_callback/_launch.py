@@ -317,6 +317,49 @@ def _raise_signal(signum: int, frame: Any) -> None:
     raise SignalException(f"Process {os.getpid()} got signal: {signum}", signal.Signals(signum))
 
 
+def _prepare_environment(
+    config: Any,
+    placement: Placement,
+    records: Optional[NodeRecords],
+    coord: Optional[JobCoordinator],
+) -> None:
+    """This process's environment for one attempt (``isolated_process_state`` puts it
+    back): what torch's agent reads, and what it hands on to every worker."""
+    # A fresh worker store per attempt. With the agent's shared store (torch's
+    # default) a restarted group finds the failed attempt's keys, and gloo's
+    # connectFullMesh can dial a dead rank's stale address and hang.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
+        # Each worker's share of this task's CPUs (torchrun sets 1).
+        threads = placement.plan.threads if placement.plan else 1
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    if hasattr(config, "signals_to_handle"):
+        # launch_agent exports it to its own environment only after the workers'
+        # environment was taken from it (_workers_environment): set it first.
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
+    if records is not None:
+        os.environ.update(records.env)
+    if coord is not None:
+        os.environ.update(coord.worker_env)
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(signal.SIGTERM, _raise_signal)
+        coord.start_watchdog(records.rank_states if records is not None else None)
+
+
+def _workers_environment(opts: Options, placement: Placement) -> dict[str, str]:
+    """What every worker adopts (a forkserver's own environment is older than this)."""
+    from hydra_torchrun_callback._protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV
+    from hydra_torchrun_callback._worker import failure_grace
+
+    env = dict(os.environ)
+    env[FAILURE_GRACE_ENV] = str(failure_grace(opts.monitor_interval))
+    if placement.plan is not None and not opts.virtual_local_rank:
+        # Where its workers sit on the host (virtual_local_rank: each sees rank 0).
+        plan = placement.plan
+        env[LOCAL_SLOT_ENV] = f"{plan.local_offset}:{plan.local_world_size}"
+    return env
+
+
 def launch(
     opts: Options,
     placement: Placement,
@@ -337,8 +380,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    from hydra_torchrun_callback._protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV
-    from hydra_torchrun_callback._worker import failure_grace, run_worker
+    from hydra_torchrun_callback._worker import run_worker
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)
@@ -356,40 +398,16 @@ def launch(
                 private_tempdir(private_tmp),
                 rendezvous_signer(placement.run_id, _rendezvous_signer(placement, coord)),
             ):
-                # A fresh worker store per attempt. With the agent's shared store (torch's
-                # default) a restarted group finds the failed attempt's keys, and gloo's
-                # connectFullMesh can dial a dead rank's stale address and hang.
-                os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-                if "OMP_NUM_THREADS" not in os.environ and placement.nproc_per_node > 1:
-                    # Each worker's share of this task's CPUs (torchrun sets 1).
-                    threads = placement.plan.threads if placement.plan else 1
-                    os.environ["OMP_NUM_THREADS"] = str(threads)
                 config = _launch_config(opts, placement, log_dir)
-                if hasattr(config, "signals_to_handle"):
-                    # launch_agent exports it to its own environment only after the
-                    # workers' environment was taken from it (below): set it first.
-                    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
-                if records is not None:
-                    os.environ.update(records.env)
-                if coord is not None:
-                    os.environ.update(coord.worker_env)
-                    with contextlib.suppress(ValueError):  # not in the main thread
-                        signal.signal(signal.SIGTERM, _raise_signal)
-                    coord.start_watchdog(records.rank_states if records is not None else None)
+                _prepare_environment(config, placement, records, coord)
                 try:
                     try:
-                        agent_env = dict(os.environ)
-                        agent_env[FAILURE_GRACE_ENV] = str(failure_grace(opts.monitor_interval))
-                        if placement.plan is not None and not opts.virtual_local_rank:
-                            # Where its workers sit on the host (virtual: each sees rank 0).
-                            agent_env[LOCAL_SLOT_ENV] = (
-                                f"{placement.plan.local_offset}:{placement.plan.local_world_size}"
-                            )
+                        agent_env = _workers_environment(opts, placement)
                         values = launch_agent(config, run_worker, [payload, agent_env])
                     except ChildFailedError as err:
                         if records is not None:
                             records.note_failures(err.failures)
-                        first = coord.first_failed_rank() if coord is not None else None
+                        first = coord.ops.first_failed_rank() if coord is not None else None
                         raise root_cause_error(
                             err, socket.gethostname(), placement.node_rank, prefer_rank=first
                         ) from None

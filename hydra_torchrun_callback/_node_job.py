@@ -29,7 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_torchrun_callback._options import Options, with_log_dir
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
-__all__ = ["JobOrigin", "NodeJob", "pin_now_interpolations", "run_node", "unpicklable_task_error"]
+__all__ = [
+    "JobOrigin",
+    "NodeJob",
+    "pin_now_interpolations",
+    "place_node",
+    "run_node",
+    "unpicklable_task_error",
+    "worker_payload",
+]
 
 log = logging.getLogger("hydra_torchrun_callback")
 
@@ -137,15 +145,11 @@ def pin_now_interpolations(config: DictConfig) -> None:
     walk(config, "")
 
 
-def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Optional[bytes]:
-    """Place this node, start its agent and workers; rank 0's pickled value (node 0).
-
-    ``adopt(config, own_dir, node0_dir)`` moves this node's job into node 0's output dir
-    when they differ (the Hydra process owns the log files it moves)."""
-    config, task_function, origin, opts = job.config, job.task, job.origin, job.options
-    from hydra_torchrun_callback._store import reset_rejections
-
-    reset_rejections()  # each job logs (and names) the forgeries it saw itself
+def place_node(opts: Options, config: DictConfig) -> Any:
+    """Where this node is in its job, decided once and passed down: the cluster task,
+    its workers (GPUs SLURM gave this host, no CUDA context here, split among the job's
+    tasks on it; CPUs from this task's affinity mask), the rendezvous. Imports torch,
+    overlapped with the warm server's own import where there is a core for each."""
     from hydra_torchrun_callback._placement import (
         check_port_free,
         detect_cluster,
@@ -158,7 +162,6 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
     )
     from hydra_torchrun_callback._warm import overlaps_imports, start_warm
 
-    started = origin.started
     task = detect_cluster(os.environ, opts.cluster)
     cpus = task_cpus(os.environ, usable_cpus(), task)
     warm = opts.start_method == "forkserver"
@@ -168,13 +171,6 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
 
     if warm:
         start_warm()  # no-op when already running
-
-    from hydra_torchrun_callback import _pickling
-    from hydra_torchrun_callback._launch import launch
-    from hydra_torchrun_callback._worker import WorkerPayload
-
-    # Workers from the allocation: GPUs SLURM gave this host (no CUDA context here),
-    # split among the job's tasks on it; CPUs from this task's affinity mask.
     share = host_share(os.environ, task)
     plan = plan_workers(
         opts.nproc_per_node,
@@ -186,13 +182,18 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
     placement = resolve_placement(
         opts, os.environ, plan.nproc, job_num=job_num if isinstance(job_num, int) else 0
     )
-    placement = dataclasses.replace(placement, plan=plan)
-    if placement.local_addr:  # an interface name (ib0) is resolved on each node
-        address = interface_address(placement.local_addr)
-        if address is not None:
-            placement = dataclasses.replace(placement, local_addr=address)
+    # An interface name (ib0) is resolved on each node.
+    address = interface_address(placement.local_addr) if placement.local_addr else None
+    placement = dataclasses.replace(
+        placement, plan=plan, local_addr=address or placement.local_addr
+    )
     if placement.source == "local" and not placement.port_picked:
         check_port_free(int(placement.rdzv_endpoint.rsplit(":", 1)[1]))
+    return placement
+
+
+def _output_dir(config: DictConfig) -> str:
+    """The job's output dir, where every rank writes its log: refused if not writable."""
     output_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir") or os.getcwd())
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise TorchrunSetupError(
@@ -200,32 +201,51 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
             "write their logs there. Fix: make it writable or point hydra.run.dir / "
             "hydra.sweep.dir at a writable place."
         )
-    opts = with_log_dir(opts, output_dir)  # files the user asked for are kept
-    pin_now_interpolations(config)
+    return output_dir
 
-    def make_payload() -> bytes:
-        try:
-            return _pickling.dumps(
-                WorkerPayload(
-                    task=task_function,
-                    config=config,
-                    cwd=os.getcwd(),
-                    started=started,
-                    resolvers=origin.resolvers,
-                    main_module=origin.main_module,
-                )
+
+def worker_payload(job: NodeJob) -> bytes:
+    """What every worker of this node gets: the task and its config as they are now."""
+    from hydra_torchrun_callback import _pickling
+    from hydra_torchrun_callback._worker import WorkerPayload
+
+    try:
+        return _pickling.dumps(
+            WorkerPayload(
+                task=job.task,
+                config=job.config,
+                cwd=os.getcwd(),
+                started=job.origin.started,
+                resolvers=job.origin.resolvers,
+                main_module=job.origin.main_module,
             )
-        except Exception as exc:
-            raise unpicklable_task_error(task_function, exc) from exc
+        )
+    except Exception as exc:
+        raise unpicklable_task_error(job.task, exc) from exc
+
+
+def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Optional[bytes]:
+    """Place this node, start its agent and workers; rank 0's pickled value (node 0).
+
+    ``adopt(config, own_dir, node0_dir)`` moves this node's job into node 0's output dir
+    when they differ (the Hydra process owns the log files it moves)."""
+    from hydra_torchrun_callback._launch import launch
+    from hydra_torchrun_callback._store import reset_rejections
+
+    reset_rejections()  # each job logs (and names) the forgeries it saw itself
+    placement = place_node(job.options, job.config)
+    output_dir = _output_dir(job.config)
+    opts = with_log_dir(job.options, output_dir)  # files the user asked for are kept
+    pin_now_interpolations(job.config)
 
     def payload_in(job_dir: str) -> Optional[bytes]:
         """Node 0 decided the job's output dir (``${now:}`` resolved at another time
         here): take it, then pickle the job as it now is (None: kept our own)."""
-        return make_payload() if adopt(config, output_dir, job_dir) else None
+        return worker_payload(job) if adopt(job.config, output_dir, job_dir) else None
 
-    payload = make_payload()
+    payload = worker_payload(job)
     log.info("%s", placement.describe())
-    report = JobReport(placement, started)
+    report = JobReport(placement, job.origin.started)
     try:
         if placement.cluster is None:
             with (
@@ -285,7 +305,7 @@ def _run_multinode(
     )
     placement = coord.placement  # with the port the job's store was found on
     node0 = placement.node_rank == 0
-    job_dir = coord.job_dir()
+    job_dir = coord.ops.job_dir()
     if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
         adopted = payload_in(job_dir)
         if adopted is not None:
@@ -300,12 +320,12 @@ def _run_multinode(
         waits for the others."""
         records.harvest_stacks()
         with contextlib.suppress(Exception):
-            coord.put_rows(records.rows(placement.node_rank, socket.gethostname()))
+            coord.ops.put_rows(records.rows(placement.node_rank, socket.gethostname()))
         coord.mark_done(error)
         if not node0:
             return []
         missing = coord.wait_all_done(timeout=wait)
-        report.rows, report.missing_nodes = coord.gather_rows()
+        report.rows, report.missing_nodes = coord.ops.gather_rows()
         return missing
 
     try:
@@ -329,7 +349,7 @@ def _run_multinode(
                 finish(wait=min(opts.peer_timeout, 5.0), error=stop)
             raise
         if data is not None and not node0:  # node 0 returns its own, not via the store
-            coord.put_result(data)
+            coord.ops.put_result(data)
         missing = finish()
         if not node0:
             return None  # only node 0's JobReturn carries the job's value

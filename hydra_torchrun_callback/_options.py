@@ -408,98 +408,32 @@ def options_here(raw: Mapping[str, Any]) -> Options:
 
 
 def _parse_options(raw: Mapping[str, Any]) -> Options:
-    unknown = sorted(set(raw) - set(OPTION_NAMES) - {"_target_"})
-    if unknown:
-        close = [n for n in OPTION_NAMES if n.startswith(unknown[0])] or (
-            difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1, cutoff=0.5)
-        )
-        raise TorchrunOptionError(
-            unknown[0],
-            raw[unknown[0]],
-            "there is no such option; the options are " + ", ".join(OPTION_NAMES),
-            "",
-            fix=f"did you mean {PREFIX}.{close[0]}?" if close else "use one of those names",
-        )
+    _refuse_unknown(raw)
     # Unset (None) and absent are the same: the defaults below.
     given = {k: v for k, v in raw.items() if v is not None}
     get = given.get
-
-    nnodes = get("nnodes")
-    min_nodes, max_nodes = (None, None) if nnodes in (None, "") else parse_nnodes(nnodes)
-
-    nproc = get("nproc_per_node")
-    if nproc in (None, ""):
-        nproc_text: Optional[str] = None
-    else:
-        nproc_text = str(nproc).strip()
-        if nproc_text not in NPROC_WORDS:
-            if isinstance(nproc, bool) or not re.fullmatch(r"\d+", nproc_text):
-                raise TorchrunOptionError("nproc_per_node", nproc, _NPROC_ACCEPTED, "2")
-            if int(nproc_text) < 1:
-                raise TorchrunOptionError("nproc_per_node", nproc, _NPROC_ACCEPTED, "2")
-            nproc_text = str(int(nproc_text))
-
-    # Unset stays None: the placement picks c10d, or static where torchrun's default
-    # would rule (hand-wired nodes given only a master address/port).
-    backend = None if get("rdzv_backend") in (None, "") else str(get("rdzv_backend"))
-    if backend is not None and backend not in RDZV_BACKENDS:
-        raise TorchrunOptionError(
-            "rdzv_backend", backend, "expected one of " + ", ".join(RDZV_BACKENDS), "c10d"
-        )
-    start_method = str(get("start_method") or "forkserver")
-    if start_method not in START_METHODS:
-        raise TorchrunOptionError(
-            "start_method",
-            start_method,
-            "expected one of forkserver (default: warm and CUDA-safe), spawn (a fresh "
-            "interpreter per worker, as torchrun), fork",
-            "forkserver",
-        )
-    interval = get("monitor_interval", 0.1)
-    try:
-        monitor_interval = float(interval)
-    except (TypeError, ValueError):
-        monitor_interval = -1.0
-    if not monitor_interval > 0:
-        raise TorchrunOptionError(
-            "monitor_interval", interval, "expected a number of seconds > 0", "0.1"
-        )
-    filt = get("local_ranks_filter")
-    ranks: Optional[frozenset[int]] = None
-    if filt not in (None, ""):
-        try:
-            ranks = frozenset(int(r) for r in str(filt).split(","))
-        except ValueError:
-            raise TorchrunOptionError(
-                "local_ranks_filter", filt, "expected comma-separated local ranks", "0"
-            ) from None
-        if any(r < 0 for r in ranks):
-            raise TorchrunOptionError(
-                "local_ranks_filter", filt, "expected comma-separated local ranks >= 0", "0"
-            )
-    node_rank = get("node_rank")
-    role = str(get("role") or "default")
+    min_nodes, max_nodes = _nodes(get("nnodes"))
     return Options(
         min_nodes=min_nodes,
         max_nodes=max_nodes,
-        nproc_per_node=nproc_text,
-        rdzv_backend=backend,
+        nproc_per_node=_nproc(get("nproc_per_node")),
+        rdzv_backend=_backend(get("rdzv_backend")),
         rdzv_endpoint=str(get("rdzv_endpoint") or ""),
-        rdzv_id=None if get("rdzv_id") in (None, "") else str(get("rdzv_id")),
+        rdzv_id=_text(get("rdzv_id")),
         rdzv_configs=parse_rdzv_conf(get("rdzv_conf")),
         standalone=_bool("standalone", get("standalone", False)),
         max_restarts=_int("max_restarts", get("max_restarts", 0), 0, "1"),
-        monitor_interval=monitor_interval,
-        start_method=start_method,
-        role=role,
-        log_dir=None if get("log_dir") in (None, "") else str(get("log_dir")),
+        monitor_interval=_positive_float("monitor_interval", get("monitor_interval", 0.1), "0.1"),
+        start_method=_start_method(get("start_method") or "forkserver"),
+        role=str(get("role") or "default"),
+        log_dir=_text(get("log_dir")),
         redirects=parse_std("redirects", get("redirects", "0")),
         tee=parse_std("tee", get("tee", "0")),
-        local_ranks_filter=ranks,
-        node_rank=None if node_rank is None else _int("node_rank", node_rank, 0, "0"),
-        master_addr=None if get("master_addr") in (None, "") else str(get("master_addr")),
+        local_ranks_filter=_local_ranks(get("local_ranks_filter")),
+        node_rank=None if get("node_rank") is None else _int("node_rank", get("node_rank"), 0, "0"),
+        master_addr=_text(get("master_addr")),
         master_port=_parse_port(get("master_port")),
-        local_addr=None if get("local_addr") in (None, "") else str(get("local_addr")),
+        local_addr=_text(get("local_addr")),
         cluster=_choice("cluster", get("cluster") or "auto", CLUSTER_MODES, "none"),
         peer_timeout=_positive_float("peer_timeout", get("peer_timeout", 20.0), "20"),
         summary=_bool("summary", get("summary", True)),
@@ -521,6 +455,82 @@ def _parse_options(raw: Mapping[str, Any]) -> Options:
         else _int("shutdown_timeout", get("shutdown_timeout"), 1, "30"),
         virtual_local_rank=_bool("virtual_local_rank", get("virtual_local_rank", False)),
     )
+
+
+def _refuse_unknown(raw: Mapping[str, Any]) -> None:
+    unknown = sorted(set(raw) - set(OPTION_NAMES) - {"_target_"})
+    if not unknown:
+        return
+    close = [n for n in OPTION_NAMES if n.startswith(unknown[0])] or (
+        difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1, cutoff=0.5)
+    )
+    raise TorchrunOptionError(
+        unknown[0],
+        raw[unknown[0]],
+        "there is no such option; the options are " + ", ".join(OPTION_NAMES),
+        "",
+        fix=f"did you mean {PREFIX}.{close[0]}?" if close else "use one of those names",
+    )
+
+
+def _text(value: Any) -> Optional[str]:
+    return None if value in (None, "") else str(value)
+
+
+def _nodes(value: Any) -> tuple[Optional[int], Optional[int]]:
+    return (None, None) if value in (None, "") else parse_nnodes(value)
+
+
+def _nproc(value: Any) -> Optional[str]:
+    """The validated spelling (resolved later, by ``_placement.plan_workers``)."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    if text in NPROC_WORDS:
+        return text
+    if isinstance(value, bool) or not re.fullmatch(r"\d+", text) or int(text) < 1:
+        raise TorchrunOptionError("nproc_per_node", value, _NPROC_ACCEPTED, "2")
+    return str(int(text))
+
+
+def _backend(value: Any) -> Optional[str]:
+    """Unset stays None: the placement picks c10d, or static where torchrun's default
+    would rule (hand-wired nodes given only a master address/port)."""
+    if value in (None, ""):
+        return None
+    if str(value) not in RDZV_BACKENDS:
+        raise TorchrunOptionError(
+            "rdzv_backend", value, "expected one of " + ", ".join(RDZV_BACKENDS), "c10d"
+        )
+    return str(value)
+
+
+def _start_method(value: Any) -> str:
+    if str(value) not in START_METHODS:
+        raise TorchrunOptionError(
+            "start_method",
+            value,
+            "expected one of forkserver (default: warm and CUDA-safe), spawn (a fresh "
+            "interpreter per worker, as torchrun), fork",
+            "forkserver",
+        )
+    return str(value)
+
+
+def _local_ranks(value: Any) -> Optional[frozenset[int]]:
+    if value in (None, ""):
+        return None
+    try:
+        ranks = frozenset(int(r) for r in str(value).split(","))
+    except ValueError:
+        raise TorchrunOptionError(
+            "local_ranks_filter", value, "expected comma-separated local ranks", "0"
+        ) from None
+    if any(r < 0 for r in ranks):
+        raise TorchrunOptionError(
+            "local_ranks_filter", value, "expected comma-separated local ranks >= 0", "0"
+        )
+    return ranks
 
 
 def _bool(option: str, value: Any) -> bool:

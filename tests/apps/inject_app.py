@@ -48,7 +48,7 @@ def inject(step: str) -> None:
 
         from hydra_torchrun_callback import _agent_host
 
-        _agent_host._child = crash  # type: ignore[assignment]
+        _agent_host.agent_main = crash  # type: ignore[assignment]
     elif step == "divert":  # arming the task's call itself fails
         _callback.divert = _boom(step)
     else:
