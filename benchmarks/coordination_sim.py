@@ -30,9 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra_torchrun_callback._coordination import JobCoordinator
+from hydra_torchrun_callback._node.coordinator import JobCoordinator
+from hydra_torchrun_callback._node.placement import resolve_placement
 from hydra_torchrun_callback._options import parse_options
-from hydra_torchrun_callback._placement import resolve_placement
 
 
 def _free_port() -> int:

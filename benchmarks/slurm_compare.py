@@ -34,6 +34,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from _report import med, phase_table, span, values
 from _runner import HERE, REPO, Run, enable_subreaper, free_port, run
 
 #: Job processes keep exiting after the client returns (task 0's result is written first).
@@ -149,8 +150,6 @@ def section(reps: int) -> str:
             f"Skipped: the SLURM sandbox needs root and Debian's {PACKAGES} "
             f"(missing: {', '.join(missing) or 'nothing'}; root: {os.geteuid() == 0})."
         )
-    import launch_overhead as lo
-
     start = time.monotonic()
     results = compare(reps)
     rows = [
@@ -160,9 +159,9 @@ def section(reps: int) -> str:
     ]
     for name, runs in results:
         rows.append(
-            f"| {name} | {lo.med(runs, 'wall'):.2f} ({lo.span(runs, 'wall')}) | "
-            f"{lo.med(runs, 'top_exit'):.2f} | {lo.med(runs, 'first'):.2f} | "
-            f"{max(lo.values(runs, 'leftovers')):.0f} |"
+            f"| {name} | {med(runs, 'wall'):.2f} ({span(runs, 'wall')}) | "
+            f"{med(runs, 'top_exit'):.2f} | {med(runs, 'first'):.2f} | "
+            f"{max(values(runs, 'leftovers')):.0f} |"
         )
     sched = [
         "| scheduler's view (scontrol; s after start, whole seconds) | "
@@ -177,7 +176,7 @@ def section(reps: int) -> str:
             + " | ".join(f"{statistics.median(c):.2f}" if c else "-" for c in cells)
             + " |"
         )
-    ratio = lo.med(results[0][1], "wall") / lo.med(results[1][1], "wall")
+    ratio = med(results[0][1], "wall") / med(results[1][1], "wall")
     return "\n".join(
         [
             f"{reps} run(s) each, alternately, on the SLURM sandbox (2 slurmd on this machine, "
@@ -189,7 +188,7 @@ def section(reps: int) -> str:
             "",
             f"Ours / sbatch: {ratio:.2f}x wall.",
             "",
-            lo.phase_table(results),
+            phase_table(results),
             "",
             *sched,
             "",

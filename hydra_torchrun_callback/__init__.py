@@ -6,7 +6,7 @@ command line of any Hydra app; options live at ``hydra.callbacks.torchrun.*``.
 machinery (options at ``hydra.launcher.*``).
 """
 
-from hydra_torchrun_callback._callback import TorchrunAbort, TorchrunCallback
+from hydra_torchrun_callback._callback.hooks import TorchrunAbort, TorchrunCallback
 from hydra_torchrun_callback._config import TorchrunConf, TorchrunLauncherConf
 from hydra_torchrun_callback._options import TorchrunOptionError
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError

@@ -139,7 +139,7 @@ class Options:
     min_nodes: Optional[int]
     max_nodes: Optional[int]
     nproc_per_node: Optional[str]  # validated spelling; resolved by _placement.plan_workers
-    rdzv_backend: Optional[str]  # None: unset (see _placement.rendezvous_backend)
+    rdzv_backend: Optional[str]  # None: unset (see _node.placement.rendezvous_backend)
     rdzv_endpoint: str
     rdzv_id: Optional[str]
     rdzv_configs: dict[str, Any]
@@ -482,7 +482,7 @@ def _nodes(value: Any) -> tuple[Optional[int], Optional[int]]:
 
 
 def _nproc(value: Any) -> Optional[str]:
-    """The validated spelling (resolved later, by ``_placement.plan_workers``)."""
+    """The validated spelling (resolved later, by ``_node.placement.plan_workers``)."""
     if value in (None, ""):
         return None
     text = str(value).strip()

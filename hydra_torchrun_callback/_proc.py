@@ -1,6 +1,6 @@
 """Process-tree helpers read from /proc (Linux), shared by the agent and the sandbox,
 and where this node's processes are: the agent runs in the Hydra process, or (the
-default, see ``_agent_host``) in a fork of the warm server, beside the workers."""
+default, see ``_node.agent_host``) in a fork of the warm server, beside the workers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = [
+    "SHIELDED",
     "AgentHost",
     "agent_host",
     "alive",
@@ -21,7 +22,9 @@ __all__ = [
     "die_with_parent",
     "job_pid",
     "parent_of",
+    "restore_signals",
     "set_agent_host",
+    "shield_signals",
     "stop_self",
     "worker_root",
 ]
@@ -129,3 +132,32 @@ def die_with_parent(parent: int, signum: int = 9) -> bool:
     if os.getppid() != parent:
         os._exit(1)
     return True
+
+
+#: Signals the server ignores. SLURM delivers scancel's, a time limit's and the
+#: preemption warning's signals to every process of a step: the server, whose death
+#: SIGKILLs the agent and the workers (their death signal), must outlive them so the
+#: agent can stop its workers in order (stack dumps, summary) or hand a preemption on.
+#: It still dies with the Hydra process. Its forks put back what it had.
+SHIELDED = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+
+_before_shield: dict[int, Any] = {}
+
+
+def shield_signals() -> None:
+    """In the warm server: ignore :data:`SHIELDED` (see there); its forks put them back."""
+    for sig in SHIELDED:
+        _before_shield[sig] = signal.signal(sig, signal.SIG_IGN)
+
+
+def restore_signals() -> None:
+    """In a fork of the server (a worker, the agent): the signal dispositions the server
+    started with (what the Hydra process had: a signal it ignored stays ignored)."""
+    for sig, handler in _before_shield.items():
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _before_shield.clear()

@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from hydra_torchrun_callback._summary import SUMMARY_FILE, clip, format_columns, render_table
+from hydra_torchrun_callback._report.summary import clip, format_columns, render_table
+from hydra_torchrun_callback._wire.protocol import SUMMARY_FILE
 
 __all__ = ["collect", "main"]
 
@@ -126,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _stacks(root: Path, timeout: float, full: bool, as_json: bool) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from hydra_torchrun_callback._stacks import (
+    from hydra_torchrun_callback._report.stacks import (
         NoRunningJob,
         render_stacks,
         request_stacks,

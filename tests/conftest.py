@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,64 @@ def app_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a master_port or a store's port picked by hand)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _app_command(
+    script: str,
+    *overrides: str,
+    multirun: bool = False,
+    callback: str | None = "hydra/callbacks=torchrun",
+    flags: tuple[str, ...] = (),
+) -> list[str]:
+    """``python APPS/script [flags] [-m] [callback] overrides...``: how every test runs an app.
+
+    ``flags`` (``--config-dir=...``) go before the overrides: argparse wants them there.
+    """
+    cmd = [sys.executable, str(APPS / script), *flags]
+    if multirun:
+        cmd.append("-m")
+    if callback:
+        cmd.append(callback)
+    return [*cmd, *overrides]
+
+
+def start_app(
+    cwd: Path,
+    *overrides: str,
+    script: str = "probe_app.py",
+    multirun: bool = False,
+    callback: str | None = "hydra/callbacks=torchrun",
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.STDOUT,
+    text: bool = True,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start a test app in the background from ``cwd``; the caller waits for it.
+
+    The command is ``run_app``'s without its additions (no recorder, no run/sweep dir: pass
+    them as overrides). ``env``: ``app_env()`` unless given. Output: one pipe (stdout, with
+    stderr in it) unless ``stdout``/``stderr`` say otherwise (a file, ``stderr=None`` to
+    inherit); ``text=False`` for bytes. Anything else Popen takes (``start_new_session``,
+    ``pass_fds``) goes through ``popen``.
+    """
+    return subprocess.Popen(
+        _app_command(script, *overrides, multirun=multirun, callback=callback, flags=flags),
+        cwd=cwd,
+        env=app_env() if env is None else env,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        **popen,
+    )
+
+
 def run_example(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a shipped example as its README says, from ``tmp_path``."""
     return subprocess.run(
@@ -138,17 +197,16 @@ def run_app(
     """
     rec = tmp_path / "recorder.jsonl"
     out = tmp_path / ("multi" if multirun else "out")
-    cmd = [sys.executable, str(APPS / script), *flags]
-    if multirun:
-        cmd.append("-m")
-    if callback:
-        cmd.append(callback)
-    cmd += [
+    cmd = _app_command(
+        script,
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={rec}",
         f"hydra.{'sweep' if multirun else 'run'}.dir={out}",
         *overrides,
-    ]
+        multirun=multirun,
+        callback=callback,
+        flags=flags,
+    )
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env or app_env(), capture_output=True, text=True, timeout=timeout
     )

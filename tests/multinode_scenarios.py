@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from conftest import APPS, left_behind, read_markers, run_app
+from conftest import left_behind, read_markers, run_app, start_app
 
 
 def two_point_sweep(tmp_path: Path, launcher: list[str], env: dict[str, str]) -> float:
@@ -109,20 +109,17 @@ def preempted_and_requeued(
     env = {**env, "HTR_TEST_TAG": tag}
     out = tmp_path / "multi"
     rec = tmp_path / "recorder.jsonl"
-    cmd = [
-        sys.executable,
-        str(APPS / "requeue_app.py"),
-        "-m",
-        "hydra/callbacks=torchrun",
+    start = time.monotonic()
+    proc = start_app(
+        tmp_path,
         "hydra.callbacks.torchrun.nproc_per_node=2",
         *launcher,
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={rec}",
         f"hydra.sweep.dir={out}",
-    ]
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        script="requeue_app.py",
+        multirun=True,
+        env=env,
     )
     try:
         job_dir = out / "0"
@@ -225,23 +222,16 @@ def stacks_on_two_nodes(
     from conftest import wait_started
 
     out = tmp_path / "multi"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(APPS / "hang_app.py"),
-            "-m",
-            "hydra/callbacks=torchrun",
-            "hydra.callbacks.torchrun.nproc_per_node=2",
-            *launcher,
-            "collective=false",
-            "fail_rank=3",
-            f"hydra.sweep.dir={out}",
-        ],
-        cwd=tmp_path,
+    proc = start_app(
+        tmp_path,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        *launcher,
+        "collective=false",
+        "fail_rank=3",
+        f"hydra.sweep.dir={out}",
+        script="hang_app.py",
+        multirun=True,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     job = out / "0"
     try:

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
 import pytest
 
-from hydra_torchrun_callback._coordination import JobCoordinator
+from hydra_torchrun_callback._node.coordinator import JobCoordinator
+from hydra_torchrun_callback._node.placement import Placement, resolve_placement
 from hydra_torchrun_callback._options import parse_options
-from hydra_torchrun_callback._placement import Placement, resolve_placement
 from hydra_torchrun_callback._result import job_error
-from hydra_torchrun_callback._store import load_secret
-from hydra_torchrun_callback._worker import _claim_first_failure
+from hydra_torchrun_callback._wire.store import load_secret
+from hydra_torchrun_callback._worker.entry import _claim_first_failure
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conftest import free_port
 
 
 def _coordinator(node: int, port: int, peer_timeout: float = 5, **kw: Any) -> JobCoordinator:
@@ -37,7 +32,7 @@ def _coordinator(node: int, port: int, peer_timeout: float = 5, **kw: Any) -> Jo
 @pytest.fixture
 def nodes() -> tuple[JobCoordinator, JobCoordinator]:
     """Node 0 (hosts the store) and node 1 (a client), as two submitit-local tasks."""
-    port = _free_port()
+    port = free_port()
     return _coordinator(0, port), _coordinator(1, port)
 
 
@@ -110,7 +105,7 @@ def test_node_0_does_not_wait_for_a_node_it_declared_lost() -> None:
     """Node 1's heartbeats stop: node 0's watchdog declares it lost, and node 0's own end
     (say done, wait for every node's done) does not wait ``peer_timeout`` again for it."""
     reasons: list[Any] = []
-    port = _free_port()
+    port = free_port()
     node0 = _coordinator(0, port, peer_timeout=2.0, abort=reasons.append)
     node1 = _coordinator(1, port)
     node1.start_watchdog()
@@ -148,7 +143,7 @@ def test_coordination_is_linear_in_nodes() -> None:
 
 
 def test_a_node_that_never_beats_is_lost_after_the_join_timeout() -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         "SUBMITIT_EXECUTOR": "local",
         "SUBMITIT_LOCAL_JOB_ID": "778",
@@ -175,7 +170,7 @@ def test_other_nodes_wait_for_a_late_node_0_up_to_the_join_timeout() -> None:
     store when it comes up, well after 2 x peer_timeout (here 1 s), within join_timeout."""
     import threading
 
-    port = _free_port()
+    port = free_port()
 
     def placement(node: int) -> Placement:
         env = {

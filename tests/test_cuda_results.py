@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from hydra_torchrun_callback import _pickling
 from hydra_torchrun_callback._result import to_cpu
+from hydra_torchrun_callback._wire import pickling as _pickling
 
 
 class _ReportsCuda:

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, app_env, left_behind, processes_with_tag, run_app, wait_started
+from conftest import (
+    APPS,
+    app_env,
+    left_behind,
+    processes_with_tag,
+    run_app,
+    start_app,
+    wait_started,
+)
 
 NPROC2 = "hydra.callbacks.torchrun.nproc_per_node=2"
 LOCAL2 = [
@@ -49,18 +57,15 @@ def _popen(
     script: str = "probe_app.py",
 ) -> subprocess.Popen[str]:
     out = tmp_path / ("multi" if multirun else "out")
-    cmd = [
-        sys.executable,
-        str(APPS / script),
-        *(["-m"] if multirun else []),
-        "hydra/callbacks=torchrun",
+    return start_app(
+        tmp_path,
         f"hydra.{'sweep' if multirun else 'run'}.dir={out}",
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={tmp_path / 'recorder.jsonl'}",
         *overrides,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        script=script,
+        multirun=multirun,
+        env=env,
     )
 
 

@@ -15,7 +15,6 @@ import pickle
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -25,11 +24,11 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from hydra_torchrun_callback._coordination import JobCoordinator
+from hydra_torchrun_callback._node.coordinator import JobCoordinator
+from hydra_torchrun_callback._node.placement import candidate_ports, resolve_placement
 from hydra_torchrun_callback._options import parse_options
-from hydra_torchrun_callback._placement import candidate_ports, resolve_placement
 from hydra_torchrun_callback._result import TorchrunSetupError
-from hydra_torchrun_callback._store import (
+from hydra_torchrun_callback._wire.store import (
     HELLO_WAIT_S,
     JobStore,
     SecretError,
@@ -37,7 +36,7 @@ from hydra_torchrun_callback._store import (
     load_secret,
 )
 
-from conftest import APPS, app_env, run_app, wait_started
+from conftest import app_env, free_port, run_app, start_app, wait_started
 
 LOCAL = [
     "hydra/launcher=submitit_local",
@@ -52,12 +51,6 @@ class _Evil:
 
     def __reduce__(self) -> Any:
         return (os.mkdir, (self.marker,))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Attacker(threading.Thread):
@@ -113,7 +106,7 @@ def _rendezvous_forgery(run_id: str, marker: Path) -> dict[str, bytes]:
 
 def test_forged_rendezvous_state_on_one_machine(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
-    port = _free_port()
+    port = free_port()
     attacker = Attacker("127.0.0.1", port, _rendezvous_forgery("hostile1", marker), 3.0)
     attacker.start()
     run = run_app(
@@ -150,24 +143,15 @@ def test_forged_values_on_two_nodes(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     out = tmp_path / "multi"
     rec = tmp_path / "recorder.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(APPS / "probe_app.py"),
-            "-m",
-            "hydra/callbacks=torchrun",
-            "hydra.callbacks.torchrun.nproc_per_node=2",
-            *LOCAL,
-            "sleep_before=4",
-            "+hydra.callbacks.recorder._target_=recorder.Recorder",
-            f"+hydra.callbacks.recorder.path={rec}",
-            f"hydra.sweep.dir={out}",
-        ],
-        cwd=tmp_path,
-        env=app_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_app(
+        tmp_path,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        *LOCAL,
+        "sleep_before=4",
+        "+hydra.callbacks.recorder._target_=recorder.Recorder",
+        f"+hydra.callbacks.recorder.path={rec}",
+        f"hydra.sweep.dir={out}",
+        multirun=True,
     )
     try:
         port, run_id = _wait_for_placement(out / "0" / "probe_app.log", proc)
@@ -388,7 +372,7 @@ def test_torch_error_files_stay_private(tmp_path: Path) -> None:
 def test_foreign_store_on_the_fixed_port_of_a_two_node_job(tmp_path: Path) -> None:
     """master_port is taken by another job's store: both nodes fail with a clear error,
     within seconds, and no worker starts."""
-    port = _free_port()
+    port = free_port()
     foreign = _foreign_store(port, hello=True, job_id="other")
     start = time.monotonic()
     run = run_app(
@@ -422,7 +406,7 @@ def test_huge_exception_text_on_one_machine(tmp_path: Path) -> None:
 # -- what review found: replays, emptied keys, the rendezvous backend's edge cases ---------
 def _pair(peer_timeout: float = 5.0, **kw: Any) -> tuple[JobCoordinator, JobCoordinator]:
     job_id = _job_id_with_free_first_ports()
-    port = _free_port()  # the job's fixed port (master_port)
+    port = free_port()  # the job's fixed port (master_port)
     secret = load_secret(os.environ)
     node0 = JobCoordinator(_placement(0, job_id, port), peer_timeout, secret, **kw)
     node1 = JobCoordinator(_placement(1, job_id, port), peer_timeout, secret)
@@ -497,9 +481,9 @@ def test_signed_rendezvous_backend_edge_cases(caplog: pytest.LogCaptureFixture) 
         C10dRendezvousBackend,
     )
 
-    from hydra_torchrun_callback._store import SignedRendezvousBackend
+    from hydra_torchrun_callback._wire.store import SignedRendezvousBackend
 
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore(  # type: ignore[attr-defined]
         "127.0.0.1", port, is_master=True, wait_for_workers=False, world_size=None
     )

@@ -6,7 +6,7 @@ through real stores and nodes; these pin each rule down case by case.
 
 from __future__ import annotations
 
-from hydra_torchrun_callback._job_decisions import (
+from hydra_torchrun_callback._node.job_decisions import (
     Progress,
     beat_payload,
     crash_report,

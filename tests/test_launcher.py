@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_torchrun_callback._launcher import launcher_options
+from hydra_torchrun_callback._callback.launcher import launcher_options
 from hydra_torchrun_callback._options import TorchrunOptionError
 
 LAUNCHER = "hydra/launcher=torchrun"

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from hydra_torchrun_callback._local_wait import POLL_S, prompt_local_waits, restore_local_waits
+from hydra_torchrun_callback._callback.local_wait import (
+    POLL_S,
+    prompt_local_waits,
+    restore_local_waits,
+)
 
 submitit = pytest.importorskip("submitit")
 

@@ -63,7 +63,7 @@ def test_each_node_composes_its_own_files(tmp_path: Path) -> None:
 import os
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-import hydra_torchrun_callback._per_node as pn
+import hydra_torchrun_callback._callback.per_node as pn
 with initialize_config_dir(config_dir=os.environ["CONF"], version_base=None):
     cfg = compose("probe", return_hydra_config=True, overrides=[
         "hydra/launcher=submitit_local", "hydra.mode=MULTIRUN"])
@@ -93,12 +93,10 @@ def test_nodes_agree_on_one_output_dir_with_now(tmp_path: Path) -> None:
     """Two tasks started by hand (as plain srun does) resolve ``${now:...%f}`` in
     hydra.run.dir at different times: node 1 works in node 0's dir and removes its own."""
     import json
-    import subprocess
-    import sys
     import time
     import uuid
 
-    from conftest import APPS
+    from conftest import start_app
 
     procs = []
     job = uuid.uuid4().hex[:8]
@@ -109,14 +107,13 @@ def test_nodes_agree_on_one_output_dir_with_now(tmp_path: Path) -> None:
             "SUBMITIT_LOCAL_GLOBALID": str(node),
             "SUBMITIT_LOCAL_NTASKS": "2",
         }
-        cmd = [
-            sys.executable,
-            str(APPS / "probe_app.py"),
-            "hydra/callbacks=torchrun",
-            f"hydra.run.dir={tmp_path}/out/${{now:%H-%M-%S-%f}}",
-        ]
         procs.append(
-            subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+            start_app(
+                tmp_path,
+                f"hydra.run.dir={tmp_path}/out/${{now:%H-%M-%S-%f}}",
+                env=env,
+                stderr=None,  # to the test's own stderr, as before: only stdout is piped
+            )
         )
         time.sleep(0.5)  # node 1 starts later: its ${now:} differs
     outputs = [p.communicate(timeout=240)[0] for p in procs]

@@ -14,14 +14,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import APPS, app_env, processes_with_tag, wait_started
+from conftest import app_env, processes_with_tag, start_app, wait_started
 
 START_METHODS = ["forkserver", "spawn", "fork"]
 SIGNALS = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
@@ -73,22 +72,17 @@ def _start(
     tmp_path: Path, tag: str, *overrides: str, multirun: bool = False
 ) -> subprocess.Popen[bytes]:
     out = tmp_path / ("multi" if multirun else "out")
-    cmd = [
-        sys.executable,
-        str(APPS / "hang_app.py"),
-        *(["-m"] if multirun else []),
-        "hydra/callbacks=torchrun",
-        f"hydra.{'sweep' if multirun else 'run'}.dir={out}",
-        *overrides,
-    ]
     # Output to a file, not a pipe: a leftover holding the pipe must not hang the test.
     with open(tmp_path / "app.log", "wb") as log:
-        return subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
+        return start_app(
+            tmp_path,
+            f"hydra.{'sweep' if multirun else 'run'}.dir={out}",
+            *overrides,
+            script="hang_app.py",
+            multirun=multirun,
             env=app_env(HTR_TEST_TAG=tag, HTR_IMPORT_PROBE=str(tmp_path / "imports.txt")),
             stdout=log,
-            stderr=subprocess.STDOUT,
+            text=False,
         )
 
 

@@ -14,7 +14,7 @@ APP = textwrap.dedent(
     """
     import pickle, sys
     import cloudpickle
-    from hydra_torchrun_callback import _pickling
+    from hydra_torchrun_callback._wire import pickling as _pickling
 
     def helper(x):
         raise ValueError(f"boom {x}")
@@ -57,7 +57,7 @@ def test_traceback_names_the_apps_file_line_and_source(tmp_path: Path, hops: str
 
 def test_unpickled_code_is_dynamic_when_no_file_is_known() -> None:
     """Code really made at run time (exec) keeps cloudpickle's own marker."""
-    from hydra_torchrun_callback import _pickling
+    from hydra_torchrun_callback._wire import pickling as _pickling
 
     namespace: dict[str, object] = {}
     exec("def f():\n    return 42\n", namespace)

@@ -218,27 +218,21 @@ def test_scancel_leaves_nothing_behind(cluster: SlurmSandbox, tmp_path: Path) ->
     """Fault 5 on the cluster: scancel stops every node's agent and workers."""
     import uuid
 
-    from conftest import APPS, processes_with_tag, wait_started
+    from conftest import processes_with_tag, start_app, wait_started
 
     tag = uuid.uuid4().hex
     env = {**_env(cluster), "HTR_TEST_TAG": tag}
     out = tmp_path / "m"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(APPS / "probe_app.py"),
-            "-m",
-            *SLURM,
-            "hydra/callbacks=torchrun",
-            "hydra.callbacks.torchrun.nproc_per_node=2",
-            "sleep_before=600",
-            f"hydra.sweep.dir={out}",
-        ],
-        cwd=tmp_path,
+    proc = start_app(
+        tmp_path,
+        *SLURM,
+        "hydra/callbacks=torchrun",  # after the launcher's overrides, as the test always had it
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "sleep_before=600",
+        f"hydra.sweep.dir={out}",
+        multirun=True,
+        callback=None,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         started = wait_started(out / "0", 4, proc)

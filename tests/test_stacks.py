@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_torchrun_callback._stacks import (
+from hydra_torchrun_callback._report.frames import (
     Frame,
     group_by_frame,
     main_thread_frames,
@@ -25,7 +25,7 @@ from hydra_torchrun_callback._stacks import (
     where,
 )
 
-from conftest import APPS, app_env, wait_started
+from conftest import APPS, app_env, start_app, wait_started
 from multinode_scenarios import stacks_cli
 
 
@@ -41,20 +41,12 @@ ALL_REDUCE = _line("dist.all_reduce(torch.ones(1))")
 
 def _start(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen[str], Path]:
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(APPS / "hang_app.py"),
-            "hydra/callbacks=torchrun",
-            "hydra.callbacks.torchrun.nproc_per_node=2",
-            f"hydra.run.dir={out}",
-            *overrides,
-        ],
-        cwd=tmp_path,
-        env=app_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_app(
+        tmp_path,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        f"hydra.run.dir={out}",
+        *overrides,
+        script="hang_app.py",
         start_new_session=True,  # its own process group: Ctrl-C is sent to the group
     )
     return proc, out

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from conftest import APPS, app_env
+from conftest import APPS, app_env, free_port, start_app
 
 T = "hydra.callbacks.torchrun"
 SCRIPT = str(APPS / "parity_app.py")
@@ -69,12 +68,6 @@ def torch_version() -> tuple[int, ...]:
     return _parse(metadata.version("torch"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def command(out: Path, *overrides: str) -> list[str]:
     return [SCRIPT, "hydra/callbacks=torchrun", f"hydra.run.dir={out}", *overrides]
 
@@ -101,13 +94,12 @@ def ranks(out: Path) -> dict[int, dict[str, Any]]:
 
 def start(tmp_path: Path, name: str, *overrides: str, env: dict[str, str]) -> Any:
     """One agent's Hydra app in the background (a node of a hand-wired job)."""
-    return subprocess.Popen(
-        [sys.executable, *command(tmp_path / name, *overrides)],
-        cwd=tmp_path,
+    return start_app(
+        tmp_path,
+        f"hydra.run.dir={tmp_path / name}",
+        *overrides,
+        script="parity_app.py",
         env=app_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
@@ -465,9 +457,9 @@ def test_options_reach_torchs_launch_config() -> None:
     handler act only on stops and events. Checked on the LaunchConfig we build."""
     from torch.numa.binding import AffinityMode
 
-    from hydra_torchrun_callback._launch import _launch_config
+    from hydra_torchrun_callback._node.agent import _launch_config
+    from hydra_torchrun_callback._node.placement import resolve_placement
     from hydra_torchrun_callback._options import parse_options
-    from hydra_torchrun_callback._placement import resolve_placement
 
     opts = parse_options(
         {

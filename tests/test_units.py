@@ -9,15 +9,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from hydra_torchrun_callback import TorchrunConf, TorchrunOptionError
-from hydra_torchrun_callback._divert import DivertError, Outcome, divert
-from hydra_torchrun_callback._options import parse_options
-from hydra_torchrun_callback._placement import (
+from hydra_torchrun_callback._callback.divert import DivertError, Outcome, divert
+from hydra_torchrun_callback._node.placement import (
     HostShare,
     host_share,
     plan_workers,
     resolve_placement,
 )
-from hydra_torchrun_callback._worker import rank_logging_config
+from hydra_torchrun_callback._options import parse_options
+from hydra_torchrun_callback._worker.entry import rank_logging_config
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -97,7 +97,7 @@ def _slurm_task(procid: int, localid: int, nodeid: int, **extra: str) -> dict[st
 def test_layouts_split_the_host_among_its_tasks(
     spec: str | None, gpu_env: dict[str, str], expected: list[tuple[int, int, int]]
 ) -> None:
-    from hydra_torchrun_callback._placement import detect_cluster
+    from hydra_torchrun_callback._node.placement import detect_cluster
 
     got = []
     for localid in (0, 1):
@@ -120,7 +120,7 @@ def test_layouts_split_the_host_among_its_tasks(
 def test_layouts_that_cannot_be_served_are_refused(
     spec: str | None, gpu_env: dict[str, str], message: str
 ) -> None:
-    from hydra_torchrun_callback._placement import detect_cluster
+    from hydra_torchrun_callback._node.placement import detect_cluster
 
     env = _slurm_task(0, 0, 0, **{**gpu_env, "SLURM_STEP_TASKS_PER_NODE": "3"})
     with pytest.raises(TorchrunOptionError, match=message) as err:
@@ -129,7 +129,7 @@ def test_layouts_that_cannot_be_served_are_refused(
 
 
 def test_tasks_per_node_lists() -> None:
-    from hydra_torchrun_callback._placement import tasks_on_node
+    from hydra_torchrun_callback._node.placement import tasks_on_node
 
     assert [tasks_on_node("2(x3),1", i) for i in range(5)] == [2, 2, 2, 1, None]
     assert tasks_on_node("4", 0) == 4
@@ -242,7 +242,7 @@ def test_divert_refuses_builtins() -> None:
 
 
 # -- cluster detection (pure: fed environment dicts) ------------------------------------
-from hydra_torchrun_callback._placement import (  # noqa: E402
+from hydra_torchrun_callback._node.placement import (  # noqa: E402
     candidate_ports,
     derived_port,
     detect_cluster,
@@ -353,7 +353,7 @@ def test_option_error_survives_pickling_and_renaming() -> None:
 )
 def test_node_list_expansion(node_list: str, hosts: list[str]) -> None:
     """Plain srun needs no submitit; where submitit is installed, both parsers agree."""
-    from hydra_torchrun_callback._placement import parse_node_list
+    from hydra_torchrun_callback._node.placement import parse_node_list
 
     assert parse_node_list(node_list) == hosts
     try:
@@ -381,13 +381,13 @@ def test_gpus_from_the_allocation_without_cuda() -> None:
 def test_cpus_are_the_affinity_mask() -> None:
     import os
 
-    from hydra_torchrun_callback._placement import usable_cpus
+    from hydra_torchrun_callback._node.placement import usable_cpus
 
     assert usable_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_local_addr_may_name_an_interface() -> None:
-    from hydra_torchrun_callback._placement import interface_address
+    from hydra_torchrun_callback._node.placement import interface_address
 
     assert interface_address("lo") == "127.0.0.1"
     assert interface_address("no-such-if0") is None
@@ -397,7 +397,7 @@ def test_local_addr_may_name_an_interface() -> None:
 def test_slurm_sweeps_get_the_srun_cpus_line() -> None:
     """Under submitit_slurm the callback adds a setup line so srun steps inherit
     cpus_per_task; it must survive OmegaConf (no ${...} in it) and not be added twice."""
-    from hydra_torchrun_callback._per_node import SRUN_CPUS_LINE, prepare_multirun
+    from hydra_torchrun_callback._callback.per_node import SRUN_CPUS_LINE, prepare_multirun
 
     cfg = OmegaConf.create(
         {
@@ -426,7 +426,7 @@ def test_slurm_sweeps_get_the_srun_cpus_line() -> None:
 def test_hidden_gpus_mean_cpu_workers() -> None:
     """CUDA_VISIBLE_DEVICES='' on a GPU node (what the refusal suggests for CPU-only
     workers): one CPU worker per task, no division by zero."""
-    from hydra_torchrun_callback._placement import detect_cluster
+    from hydra_torchrun_callback._node.placement import detect_cluster
 
     for localid in (0, 1):
         env = _slurm_task(localid, localid, 0, SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="")
@@ -443,7 +443,7 @@ def test_a_workstation_may_share_its_gpus() -> None:
 
 
 def test_task_cpus_are_capped_by_the_allocation() -> None:
-    from hydra_torchrun_callback._placement import detect_cluster, task_cpus
+    from hydra_torchrun_callback._node.placement import detect_cluster, task_cpus
 
     assert task_cpus({"SLURM_CPUS_PER_TASK": "4"}, 64, None) == 4  # SLURM did not pin it
     assert task_cpus({}, 8, None) == 8

@@ -9,8 +9,8 @@ singletons among others, which puts both back.
 
 from hydra.core.config_store import ConfigStore
 
+from hydra_torchrun_callback._callback.per_node import register_resolvers
 from hydra_torchrun_callback._config import TorchrunConf, TorchrunLauncherConf
-from hydra_torchrun_callback._per_node import register_resolvers
 
 _cs = ConfigStore.instance()
 # Hydra's own optional group: works even when the app has a `callbacks` group of its own.

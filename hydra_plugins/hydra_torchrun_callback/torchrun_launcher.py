@@ -20,7 +20,7 @@ class TorchrunLauncher(Launcher):
     """Run every job of a sweep under torchrun (options: ``hydra.launcher.*``)."""
 
     def __init__(self, **options: Any) -> None:
-        from hydra_torchrun_callback._launcher import launcher_options
+        from hydra_torchrun_callback._callback.launcher import launcher_options
 
         # Bad keys and values fail here, when Hydra builds the launcher: before any job.
         self.options = launcher_options(options)
@@ -31,7 +31,7 @@ class TorchrunLauncher(Launcher):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        from hydra_torchrun_callback._launcher import check_setup
+        from hydra_torchrun_callback._callback.launcher import check_setup
 
         check_setup(config)
         self.config = config
@@ -41,7 +41,7 @@ class TorchrunLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from hydra_torchrun_callback._launcher import launch_jobs
+        from hydra_torchrun_callback._callback.launcher import launch_jobs
 
         assert self.config is not None and self.hydra_context is not None
         assert self.task_function is not None

@@ -18,7 +18,11 @@ def _boom(step: str, kind: type[Exception] = RuntimeError) -> Any:
 
 
 def inject(step: str) -> None:
-    from hydra_torchrun_callback import _callback, _launch, _pickling, _placement, _support
+    from hydra_torchrun_callback import _support
+    from hydra_torchrun_callback._callback import hooks as _callback
+    from hydra_torchrun_callback._node import agent as _launch
+    from hydra_torchrun_callback._node import placement as _placement
+    from hydra_torchrun_callback._wire import pickling as _pickling
 
     if step == "none":
         return
@@ -46,7 +50,7 @@ def inject(step: str) -> None:
     elif step == "agent":  # the agent's process (a fork of the warm server) dies at start
         from inject_child import crash
 
-        from hydra_torchrun_callback import _agent_host
+        from hydra_torchrun_callback._node import agent_host as _agent_host
 
         _agent_host.agent_main = crash  # type: ignore[assignment]
     elif step == "divert":  # arming the task's call itself fails

@@ -25,7 +25,7 @@ Hydra process. Stops from inside the agent (a lost node, the launcher gone) take
 same path (``_proc.stop_self``). Stack requests (``SIGURG``) are not blocked: the
 parent passes them on with ``kill``.
 
-Nothing outlives the parent: the server dies with it (``_warm``), the agent and the
+Nothing outlives the parent: the server dies with it (``_node.warm``), the agent and the
 workers with the server (their death signal); when the agent ends, the parent kills
 whatever the job left under the server (a worker of an agent that was killed).
 """
@@ -39,8 +39,8 @@ import signal
 from collections.abc import Callable
 from typing import Any, Optional
 
-from hydra_torchrun_callback._pipe import Channel
-from hydra_torchrun_callback._protocol import STACKS_SIGNAL, STOP_SIGNALS, PipeMessage
+from hydra_torchrun_callback._wire.pipe import Channel
+from hydra_torchrun_callback._wire.protocol import STACKS_SIGNAL, STOP_SIGNALS, PipeMessage
 
 __all__ = ["run_in_warm_server"]
 
@@ -73,8 +73,8 @@ def run_in_warm_server(
     adopt: Callable[[Any, str, str], bool],
     preemption: Optional[signal.Signals],
 ) -> Optional[bytes]:
-    """In the Hydra process: run the pickled :class:`._node_job.NodeJob` with
-    :func:`._node_job.run_node` in a fork of the warm server; return what it returned
+    """In the Hydra process: run the pickled :class:`.._node.job.NodeJob` with
+    :func:`.._node.job.run_node` in a fork of the warm server; return what it returned
     (rank 0's pickled value) or raise what it raised."""
     link = _AgentLink(blob, preemption)
     link.start()
@@ -92,8 +92,8 @@ class _AgentLink:
         import multiprocessing
         from multiprocessing import forkserver
 
-        from hydra_torchrun_callback import _agent_host
-        from hydra_torchrun_callback._warm import start_warm
+        from hydra_torchrun_callback._node import agent_host as _agent_host
+        from hydra_torchrun_callback._node.warm import start_warm
 
         server_pid = start_warm()
         fs: Any = forkserver._forkserver
@@ -131,7 +131,7 @@ class _AgentLink:
         self.finished = False  # the agent sent its outcome
 
     def start(self) -> None:
-        from hydra_torchrun_callback._warm import no_main_reimport
+        from hydra_torchrun_callback._node.warm import no_main_reimport
 
         with no_main_reimport():
             self.child.start()

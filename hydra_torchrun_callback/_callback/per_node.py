@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_torchrun_callback._log import log
+
 __all__ = [
     "adopt_output_dir",
     "node_index",
@@ -44,7 +46,7 @@ SRUN_CPUS_LINE = (
 
 def node_index(env: Optional[dict[str, str]] = None) -> int:
     """This process's node (task) rank in a multi-task job, 0 elsewhere."""
-    from hydra_torchrun_callback._placement import detect_cluster
+    from hydra_torchrun_callback._node.placement import detect_cluster
 
     try:
         task = detect_cluster(dict(os.environ) if env is None else env)
@@ -58,7 +60,7 @@ def _node0_only(value: Any = None) -> Any:
 
 
 def _node_suffix() -> str:
-    from hydra_torchrun_callback._placement import inside_torchrun_worker
+    from hydra_torchrun_callback._node.placement import inside_torchrun_worker
 
     if inside_torchrun_worker(os.environ):
         return ""  # a worker: its file is <job>_rank<r>.log, unique in the job already
@@ -156,7 +158,7 @@ def adopt_output_dir(config: DictConfig, own_dir: str, job_dir: str) -> bool:
             return False
     except OSError:
         return False
-    logging.getLogger("hydra_torchrun_callback").warning(
+    log.warning(
         "node %d works in node 0's output dir %s (its own, %s, differs: ${now:} in "
         "hydra.run.dir was resolved at another time on each node)",
         node_index(),

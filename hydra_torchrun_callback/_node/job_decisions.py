@@ -4,8 +4,8 @@ The job's nodes decide the same few things again and again: is a peer lost, whic
 failure is the root cause, has the job failed elsewhere, is every node done. Each is a
 function of what the store last said and of the time, so unit tests drive them with
 plain values (``tests/test_job_decisions.py``), and the membership changes of elastic
-jobs get one place to go. :mod:`._coordination` reads the store (through
-:mod:`._job_ops`), keeps what it read (:mod:`._job_state`) and acts on the answers.
+jobs get one place to go. :mod:`.coordinator` reads the store (through
+:mod:`.job_ops`), keeps what it read (:mod:`.job_state`) and acts on the answers.
 """
 
 from __future__ import annotations

@@ -23,9 +23,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra_torchrun_callback._coordination import JobCoordinator
+from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._node.coordinator import JobCoordinator
+from hydra_torchrun_callback._node.placement import Placement, free_port
+from hydra_torchrun_callback._node.records import NodeRecords
+from hydra_torchrun_callback._node.warm import no_main_reimport
 from hydra_torchrun_callback._options import Options, StdSpec
-from hydra_torchrun_callback._placement import Placement, free_port
 from hydra_torchrun_callback._proc import (
     agent_host,
     alive,
@@ -36,13 +39,10 @@ from hydra_torchrun_callback._proc import (
     worker_root,
 )
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
-from hydra_torchrun_callback._store import Signer, load_secret, rendezvous_signer
-from hydra_torchrun_callback._summary import NodeRecords
-from hydra_torchrun_callback._warm import no_main_reimport
+from hydra_torchrun_callback._wire.store import Signer, load_secret, rendezvous_signer
 
 __all__ = ["AgentResult", "launch"]
 
-log = logging.getLogger("hydra_torchrun_callback")
 
 _SIGNALS = tuple(
     getattr(signal, name)
@@ -274,7 +274,7 @@ def _launch_config(opts: Options, placement: Placement, log_dir: str) -> Any:
         tee=_std(opts.tee),
         local_ranks_filter=set(opts.local_ranks_filter) if opts.local_ranks_filter else None,
     )
-    from hydra_torchrun_callback._store import BACKEND_NAME
+    from hydra_torchrun_callback._wire.store import BACKEND_NAME
 
     # c10d's state (a pickle torch reads from the store) goes through the signed backend.
     backend = BACKEND_NAME if placement.rdzv_backend == "c10d" else placement.rdzv_backend
@@ -348,8 +348,8 @@ def _prepare_environment(
 
 def _workers_environment(opts: Options, placement: Placement) -> dict[str, str]:
     """What every worker adopts (a forkserver's own environment is older than this)."""
-    from hydra_torchrun_callback._protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV
-    from hydra_torchrun_callback._worker import failure_grace
+    from hydra_torchrun_callback._wire.protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV
+    from hydra_torchrun_callback._worker.entry import failure_grace
 
     env = dict(os.environ)
     env[FAILURE_GRACE_ENV] = str(failure_grace(opts.monitor_interval))
@@ -380,7 +380,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    from hydra_torchrun_callback._worker import run_worker
+    from hydra_torchrun_callback._worker.entry import run_worker
 
     own_log_dir = opts.log_dir is None
     log_dir = tempfile.mkdtemp(prefix="hydra_torchrun_") if own_log_dir else str(opts.log_dir)

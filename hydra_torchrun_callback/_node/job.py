@@ -6,18 +6,17 @@ of the warm server (the default: the Hydra process never imports torch) or in it
 (``start_method=spawn``/``fork``, ``HYDRA_TORCHRUN_AGENT_IN_SERVER=0``). Nothing here
 imports the callback: the node side depends on the job, not on the Hydra process's class.
 
-The route of rank 0's return value to Hydra: the worker pickles it (``_worker``) ->
-torch's agent returns it per rank (``_launch.launch``) -> this node has rank 0's bytes,
-or node 0 reads them from the job store (``_coordination``) -> :func:`run_node` returns
-them -> the agent pipe (``_agent_host``) or the call itself -> the callback unpickles them
-and Hydra's diverted call of the task returns them (``_callback``, ``_divert``).
+The route of rank 0's return value to Hydra: the worker pickles it (``_worker.entry``) ->
+torch's agent returns it per rank (``_node.agent.launch``) -> this node has rank 0's bytes,
+or node 0 reads them from the job store (``_node.coordinator``) -> :func:`run_node` returns
+them -> the agent pipe (``_node.agent_host``) or the call itself -> the callback unpickles them
+and Hydra's diverted call of the task returns them (``_callback.hooks``, ``_callback.divert``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import socket
 import time
@@ -26,6 +25,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._options import Options, with_log_dir
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
@@ -38,8 +38,6 @@ __all__ = [
     "unpicklable_task_error",
     "worker_payload",
 ]
-
-log = logging.getLogger("hydra_torchrun_callback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +65,7 @@ class JobReport:
     """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
 
     def __init__(self, placement: Any, started: float) -> None:
-        from hydra_torchrun_callback._summary import NodeRecords
+        from hydra_torchrun_callback._node.records import NodeRecords
 
         self.placement = placement
         self.started = started
@@ -78,7 +76,11 @@ class JobReport:
 
     def publish(self, output_dir: str) -> None:
         """Log the table and save the JSON (nothing when no worker started)."""
-        from hydra_torchrun_callback._summary import build_summary, render_table, write_summary
+        from hydra_torchrun_callback._report.summary import (
+            build_summary,
+            render_table,
+            write_summary,
+        )
 
         rows = self.rows or self.records.rows(self.placement.node_rank, socket.gethostname())
         if not rows:
@@ -100,7 +102,7 @@ def _stack_service(
     output_dir: str, placement: Any, report: JobReport, relay: Any = None
 ) -> contextlib.AbstractContextManager[Any]:
     """Answer ``hydra-torchrun-summary --stacks`` (and SIGURG) while the agent runs."""
-    from hydra_torchrun_callback._stacks import StackService
+    from hydra_torchrun_callback._node.stack_service import StackService
 
     job = {
         "run_id": placement.run_id,
@@ -150,7 +152,7 @@ def place_node(opts: Options, config: DictConfig) -> Any:
     its workers (GPUs SLURM gave this host, no CUDA context here, split among the job's
     tasks on it; CPUs from this task's affinity mask), the rendezvous. Imports torch,
     overlapped with the warm server's own import where there is a core for each."""
-    from hydra_torchrun_callback._placement import (
+    from hydra_torchrun_callback._node.placement import (
         check_port_free,
         detect_cluster,
         host_share,
@@ -160,7 +162,7 @@ def place_node(opts: Options, config: DictConfig) -> Any:
         task_cpus,
         usable_cpus,
     )
-    from hydra_torchrun_callback._warm import overlaps_imports, start_warm
+    from hydra_torchrun_callback._node.warm import overlaps_imports, start_warm
 
     task = detect_cluster(os.environ, opts.cluster)
     cpus = task_cpus(os.environ, usable_cpus(), task)
@@ -206,8 +208,8 @@ def _output_dir(config: DictConfig) -> str:
 
 def worker_payload(job: NodeJob) -> bytes:
     """What every worker of this node gets: the task and its config as they are now."""
-    from hydra_torchrun_callback import _pickling
-    from hydra_torchrun_callback._worker import WorkerPayload
+    from hydra_torchrun_callback._wire import pickling as _pickling
+    from hydra_torchrun_callback._worker.entry import WorkerPayload
 
     try:
         return _pickling.dumps(
@@ -229,8 +231,8 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
 
     ``adopt(config, own_dir, node0_dir)`` moves this node's job into node 0's output dir
     when they differ (the Hydra process owns the log files it moves)."""
-    from hydra_torchrun_callback._launch import launch
-    from hydra_torchrun_callback._store import reset_rejections
+    from hydra_torchrun_callback._node.agent import launch
+    from hydra_torchrun_callback._wire.store import reset_rejections
 
     reset_rejections()  # each job logs (and names) the forgeries it saw itself
     placement = place_node(job.options, job.config)
@@ -271,7 +273,7 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
 def _heartbeat(opts: Any, placement: Any, states: Any) -> contextlib.AbstractContextManager[Any]:
     if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
         return contextlib.nullcontext()
-    from hydra_torchrun_callback._summary import Heartbeat
+    from hydra_torchrun_callback._node.heartbeat import Heartbeat
 
     world = placement.max_nodes * placement.nproc_per_node
     return Heartbeat(opts.heartbeat_interval, world, states)
@@ -286,9 +288,9 @@ def _run_multinode(
     payload_in: Callable[[str], Optional[bytes]],
 ) -> Optional[bytes]:
     """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
-    from hydra_torchrun_callback._coordination import JobCoordinator, StacksRelay
-    from hydra_torchrun_callback._launch import launch
-    from hydra_torchrun_callback._store import SecretError, load_secret
+    from hydra_torchrun_callback._node.agent import launch
+    from hydra_torchrun_callback._node.coordinator import JobCoordinator, StacksRelay
+    from hydra_torchrun_callback._wire.store import SecretError, load_secret
 
     try:
         secret = load_secret(os.environ)

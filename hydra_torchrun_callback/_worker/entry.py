@@ -21,17 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra_torchrun_callback import _pickling
-from hydra_torchrun_callback._proc import die_with_parent
-from hydra_torchrun_callback._protocol import (
-    FAILURE_GRACE_ENV,
-    LOCAL_SLOT_ENV,
-    RECORDS_ENV,
-)
+from hydra_torchrun_callback._proc import die_with_parent, restore_signals
 from hydra_torchrun_callback._result import to_cpu
-from hydra_torchrun_callback._stacks import arm_worker
-from hydra_torchrun_callback._summary import WorkerRecord
-from hydra_torchrun_callback._warm import restore_signals
+from hydra_torchrun_callback._wire import pickling as _pickling
+from hydra_torchrun_callback._wire.protocol import FAILURE_GRACE_ENV, LOCAL_SLOT_ENV, RECORDS_ENV
+from hydra_torchrun_callback._wire.records import WorkerRecord
+from hydra_torchrun_callback._worker.stacks import arm_worker
 
 __all__ = ["WorkerPayload", "rank_logging_config", "run_worker"]
 
@@ -153,7 +148,7 @@ def capture_resolvers() -> dict[str, bytes]:
     """The Hydra process's custom resolvers, each pickled on its own (skip what can't be)."""
     from omegaconf.basecontainer import BaseContainer
 
-    from hydra_torchrun_callback import _pickling
+    from hydra_torchrun_callback._wire import pickling as _pickling
 
     captured: dict[str, bytes] = {}
     for name, resolver in BaseContainer._resolvers.items():
@@ -307,7 +302,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
     it causes in other ranks (they fail once this process is gone). The details let
     node 0 name the root cause even when this node's agent is stopped (by the other
     nodes' failures) before it can report it."""
-    from hydra_torchrun_callback._protocol import (
+    from hydra_torchrun_callback._wire.protocol import (
         FIRST_FAILED_KEY,
         FIRST_FAILURE_KEY,
         JOB_STORE_ENV,
@@ -324,7 +319,7 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
         import torch.distributed as dist
 
         from hydra_torchrun_callback._result import FailureRecord
-        from hydra_torchrun_callback._store import JobStore, Signer, load_secret
+        from hydra_torchrun_callback._wire.store import JobStore, Signer, load_secret
 
         address, prefix, session = spec.split(" ", 2)
         host, port = address.rsplit(":", 1)

@@ -30,7 +30,6 @@ import errno
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import socket
@@ -42,7 +41,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra_torchrun_callback._protocol import (
+from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._wire.protocol import (
     HELLO_KEY,
     SECRET_FILE_ENV,
     chunk_key,
@@ -60,7 +60,6 @@ __all__ = [
     "load_secret",
 ]
 
-log = logging.getLogger("hydra_torchrun_callback")
 
 _SECRET_BYTES = 32
 MAGIC = b"HTR1"

@@ -2,7 +2,7 @@
 
 Node 0's Hydra process hosts the store on the job's rendezvous port; every
 node's agent (node 0's too) joins it as a c10d rendezvous client, and the Hydra
-processes use a private, signed key space in it (see :mod:`._store`) to:
+processes use a private, signed key space in it (see :mod:`.._wire.store`) to:
 
 - carry global rank 0's pickled return value to node 0, wherever rank 0 ran
   (under c10d rendezvous it need not be on node 0: pytorch #137402);
@@ -17,15 +17,14 @@ watchdog thread per node interrupts the local agent when the job failed elsewher
 no node waits for a collective or rendezvous timeout.
 
 Split the way torch's dynamic rendezvous is: :class:`JobCoordinator` here connects and
-runs the watchdog; what it knows is a :class:`._job_state.JobState`, what it does on the
-store is :class:`._job_ops.JobOps` (every key is named there), and what it decides is
-:mod:`._job_decisions` (pure functions, unit-tested without a store).
+runs the watchdog; what it knows is a :class:`.job_state.JobState`, what it does on the
+store is :class:`.job_ops.JobOps` (every key is named there), and what it decides is
+:mod:`.job_decisions` (pure functions, unit-tested without a store).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import threading
 import time
@@ -33,14 +32,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Optional
 
-from hydra_torchrun_callback import _job_decisions as decide
-from hydra_torchrun_callback._job_ops import JobOps, initial_keys
-from hydra_torchrun_callback._job_state import JobState
-from hydra_torchrun_callback._placement import Placement
+from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._node import job_decisions as decide
+from hydra_torchrun_callback._node.job_ops import JobOps, initial_keys
+from hydra_torchrun_callback._node.job_state import JobState
+from hydra_torchrun_callback._node.placement import Placement
 from hydra_torchrun_callback._proc import stop_self
-from hydra_torchrun_callback._protocol import JOB_STORE_ENV, job_prefix
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError, TorchrunSetupError
-from hydra_torchrun_callback._store import (
+from hydra_torchrun_callback._wire.protocol import JOB_STORE_ENV, job_prefix
+from hydra_torchrun_callback._wire.store import (
     ForeignStoreError,
     JobStore,
     Signer,
@@ -50,7 +50,6 @@ from hydra_torchrun_callback._store import (
 
 __all__ = ["JobCoordinator", "StacksRelay"]
 
-log = logging.getLogger("hydra_torchrun_callback")
 
 _POLL_S = 0.25
 #: The end of a job is waited for more closely (every node is idle by then): each poll is
@@ -133,7 +132,7 @@ class JobCoordinator:
         self.store = self.js.store
         self.ops = JobOps(self.js, self.node, self.nnodes)
         self.state = JobState(node=self.node, nnodes=self.nnodes)
-        #: What workers need to claim the first failure (see _job_ops.FIRST_FAILED_KEY).
+        #: What workers need to claim the first failure (see _wire.protocol.FIRST_FAILED_KEY).
         self.worker_env = {JOB_STORE_ENV: f"{host}:{chosen} {prefix} {self.js.signer.session}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -150,7 +149,7 @@ class JobCoordinator:
         """Why this node's agent was interrupted (a failure elsewhere), if it was."""
         return self.state.abort_reason
 
-    # -- what nodes tell each other (``ops``: the store operations, see _job_ops) ----------
+    # -- what nodes tell each other (``ops``: the store operations, see job_ops) ----------
     def report_failure(self, error: TorchrunJobError) -> None:
         self.ops.report_failure(error)
 
@@ -175,7 +174,7 @@ class JobCoordinator:
         every answer waits ``settle`` seconds for such a report. Otherwise the rank that
         claimed the first failure names the node to ask; if that node sends no report
         within ``grace``, the claimer's own description is used. Without a claim: the
-        first failure published, else ours (see :func:`._job_decisions.root_candidate`)."""
+        first failure published, else ours (see :func:`.job_decisions.root_candidate`)."""
         start = time.monotonic()
         answer: Optional[TorchrunJobError] = None
         answered_at = 0.0
@@ -238,7 +237,7 @@ class JobCoordinator:
 
     def failed_node(self) -> Optional[TorchrunJobError]:
         """Node 0, after :meth:`wait_all_done`: the first node whose done beat says it
-        failed (see :func:`._job_decisions.failed_node`)."""
+        failed (see :func:`.job_decisions.failed_node`)."""
         error = decide.failed_node(self.state.peers, self.nnodes)
         if error is None:
             return None
@@ -350,7 +349,7 @@ class JobCoordinator:
 
 
 class StacksRelay:
-    """Stack requests from node 0 to the other nodes (see ``_stacks.StackService``)."""
+    """Stack requests from node 0 to the other nodes (see ``_node.stack_service.StackService``)."""
 
     def __init__(self, coord: JobCoordinator) -> None:
         self.coord = coord

@@ -22,12 +22,14 @@ crosses a boundary:
 from __future__ import annotations
 
 import enum
+import re
 import signal
 from pathlib import Path
 
 __all__ = [
     "AGENT_IN_SERVER_ENV",
     "DUMP_SIGNALS",
+    "DUMP_WAIT_S",
     "FAILURE_GRACE_ENV",
     "FAILURE_KEY",
     "FIRST_FAILED_KEY",
@@ -38,6 +40,7 @@ __all__ = [
     "JOB_STORE_ENV",
     "LOCAL_SLOT_ENV",
     "RECORDS_ENV",
+    "REQUEST_ID",
     "RESULT_KEY",
     "SECRET_FILE_ENV",
     "STACKS_COUNT_KEY",
@@ -166,6 +169,13 @@ SUMMARY_FILE = "torchrun_summary.json"
 STACKS_DIR = ".torchrun_stacks"
 #: In :data:`STACKS_DIR`: what node 0 says of the running job.
 JOB_FILE = "job.json"
+
+
+#: A stack request's id in :data:`STACKS_DIR` (``req-<ID>``): seconds, then random hex.
+REQUEST_ID = re.compile(r"^[0-9]{10}-[0-9a-f]{8}$")
+#: How long a node waits for its workers' dumps (faulthandler writes at once; a worker
+#: that never answers is reported as such); the user's side waits for it too.
+DUMP_WAIT_S = 3.0
 
 
 def dump_paths(folder: str, rank: int, pid: int) -> tuple[Path, Path]:

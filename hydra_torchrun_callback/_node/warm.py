@@ -32,21 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from hydra_torchrun_callback._proc import die_with_parent
-from hydra_torchrun_callback._protocol import WARM_PARENT_ENV
+from hydra_torchrun_callback._proc import die_with_parent, shield_signals
+from hydra_torchrun_callback._wire.protocol import WARM_PARENT_ENV
 
 __all__ = [
-    "SHIELDED",
     "WARM_PRELOAD",
     "bind_to_parent",
     "no_main_reimport",
     "overlaps_imports",
-    "restore_signals",
     "start_warm",
 ]
 
@@ -55,43 +52,15 @@ __all__ = [
 #: What the server imports once, in this order. This module comes first: it binds the
 #: server's life to the Hydra process before the slow imports.
 WARM_PRELOAD = (
-    "hydra_torchrun_callback._warm",
+    "hydra_torchrun_callback._node.warm",
     "torch",
     "torch.distributed",
     "torch.distributed.elastic.multiprocessing.api",
     "omegaconf",
     "hydra.core.utils",
     "cloudpickle",
-    "hydra_torchrun_callback._worker",
+    "hydra_torchrun_callback._worker.entry",
 )
-
-
-#: Signals the server ignores. SLURM delivers scancel's, a time limit's and the
-#: preemption warning's signals to every process of a step: the server, whose death
-#: SIGKILLs the agent and the workers (their death signal), must outlive them so the
-#: agent can stop its workers in order (stack dumps, summary) or hand a preemption on.
-#: It still dies with the Hydra process. Its forks put back what it had.
-SHIELDED = tuple(
-    getattr(signal, name)
-    for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
-    if hasattr(signal, name)
-)
-
-_before_shield: dict[int, Any] = {}
-
-
-def _shield() -> None:
-    for sig in SHIELDED:
-        _before_shield[sig] = signal.signal(sig, signal.SIG_IGN)
-
-
-def restore_signals() -> None:
-    """In a fork of the server (a worker, the agent): the signal dispositions the server
-    started with (what the Hydra process had: a signal it ignored stays ignored)."""
-    for sig, handler in _before_shield.items():
-        with contextlib.suppress(ValueError, TypeError, OSError):
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    _before_shield.clear()
 
 
 def bind_to_parent(environ: Any = os.environ) -> bool:
@@ -105,7 +74,7 @@ def bind_to_parent(environ: Any = os.environ) -> bool:
     if not parent.isdigit() or not die_with_parent(int(parent)):
         return False
     environ.pop(WARM_PARENT_ENV, None)  # its forks (the workers) are not the server
-    _shield()
+    shield_signals()
     return True
 
 

@@ -1,6 +1,6 @@
 """The agent pipe: one end of the anonymous pipe between a node's Hydra process and its
-agent in a fork of the warm server (``_agent_link`` holds one end, ``_agent_host`` the
-other; the message kinds are :class:`._protocol.PipeMessage`). Only those two
+agent in a fork of the warm server (``_callback.agent_link`` holds one end, ``_node.agent_host`` the
+other; the message kinds are :class:`.protocol.PipeMessage`). Only those two
 processes hold it: nothing on the network can write to it."""
 
 from __future__ import annotations

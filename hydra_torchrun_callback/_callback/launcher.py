@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_torchrun_callback._callback import TARGET, TorchrunCallback
+from hydra_torchrun_callback._callback.hooks import TARGET, TorchrunCallback
 from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunSetupError
 

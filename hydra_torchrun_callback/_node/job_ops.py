@@ -1,7 +1,7 @@
 """Every operation the job's nodes do on their job store.
 
 The store itself (signing, encoding, chunking, hosting and joining) is
-:mod:`._store`'s and the key families are named in :mod:`._protocol`; this module says
+:mod:`.._wire.store`'s and the key families are named in :mod:`.._wire.protocol`; this module says
 what the nodes of a job write to each other, and when:
 
 ========================  ============================================================
@@ -26,7 +26,8 @@ import contextlib
 import json
 from typing import Any, Optional
 
-from hydra_torchrun_callback._protocol import (
+from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError
+from hydra_torchrun_callback._wire.protocol import (
     FAILURE_KEY,
     FIRST_FAILED_KEY,
     FIRST_FAILURE_KEY,
@@ -38,8 +39,7 @@ from hydra_torchrun_callback._protocol import (
     rows_key,
     stacks_key,
 )
-from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError
-from hydra_torchrun_callback._store import JobStore, decode_error, encode_error
+from hydra_torchrun_callback._wire.store import JobStore, decode_error, encode_error
 
 __all__ = ["JobOps", "initial_keys"]
 

@@ -1,11 +1,11 @@
 """The agent's side of a node whose agent runs in a fork of the warm server.
 
 The fork becomes the node's agent process (:func:`agent_main`): it blocks the stop
-signals (the Hydra process forwards each one once, see ``_agent_link``), points
+signals (the Hydra process forwards each one once, see ``_callback.agent_link``), points
 multiprocessing at the warm server it was forked from (its workers are that server's
-forks too), sends every log record to the Hydra process, runs :func:`._node_job.run_node`
+forks too), sends every log record to the Hydra process, runs :func:`.._node.job.run_node`
 on the job it was given and sends back the outcome. Why the agent runs here, and the
-whole exchange, is told in ``_agent_link``.
+whole exchange, is told in ``_callback.agent_link``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Optional
 
-from hydra_torchrun_callback._pipe import Channel
-from hydra_torchrun_callback._protocol import STOP_SIGNALS, PipeMessage
+from hydra_torchrun_callback._wire.pipe import Channel
+from hydra_torchrun_callback._wire.protocol import STOP_SIGNALS, PipeMessage
 
 __all__ = ["agent_main"]
 
@@ -156,11 +156,10 @@ def _become_agent(server: tuple[Any, int], env: dict[str, str], cwd: str) -> Non
     starts its workers from the same server instead of a new one."""
     from multiprocessing import forkserver
 
-    from hydra_torchrun_callback._proc import die_with_parent
-    from hydra_torchrun_callback._warm import restore_signals
+    from hydra_torchrun_callback._proc import die_with_parent, restore_signals
 
     die_with_parent(os.getppid())  # the server, which dies with the Hydra process
-    restore_signals()  # what the server ignores (see _warm.SHIELDED); blocked by the caller
+    restore_signals()  # what the server ignores (see _proc.SHIELDED); blocked by the caller
     address, pid = server
     fs: Any = forkserver._forkserver
     fs._forkserver_address, fs._forkserver_pid = address, pid
@@ -199,10 +198,10 @@ def agent_main(
 ) -> None:
     """The agent's process: a fork of the warm server (torch imported already)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, set(blocked))  # before any thread starts
-    from hydra_torchrun_callback import _pickling
-    from hydra_torchrun_callback._launch import _raise_signal
-    from hydra_torchrun_callback._node_job import run_node
+    from hydra_torchrun_callback._node.agent import _raise_signal
+    from hydra_torchrun_callback._node.job import run_node
     from hydra_torchrun_callback._proc import AgentHost, set_agent_host
+    from hydra_torchrun_callback._wire import pickling as _pickling
 
     _become_agent(server, env, cwd)
     channel = Channel(conn)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import logging
 import os
 import sys
 import time
@@ -20,26 +19,27 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_torchrun_callback._divert import Diversion, DivertError, Outcome, can_divert, divert
-from hydra_torchrun_callback._node_job import (
-    JobOrigin,
-    NodeJob,
-    run_node,
-    unpicklable_task_error,
+from hydra_torchrun_callback._callback.divert import (
+    Diversion,
+    DivertError,
+    Outcome,
+    can_divert,
+    divert,
 )
-from hydra_torchrun_callback._options import TorchrunOptionError, options_here
-from hydra_torchrun_callback._per_node import (
+from hydra_torchrun_callback._callback.per_node import (
     adopt_output_dir,
     prepare_multirun,
     prepare_run,
 )
-from hydra_torchrun_callback._placement import inside_torchrun_worker
-from hydra_torchrun_callback._protocol import AGENT_IN_SERVER_ENV
+from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._node.job import JobOrigin, NodeJob, run_node, unpicklable_task_error
+from hydra_torchrun_callback._node.placement import inside_torchrun_worker
+from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+from hydra_torchrun_callback._wire.protocol import AGENT_IN_SERVER_ENV
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
 
-log = logging.getLogger("hydra_torchrun_callback")
 
 TARGET = "hydra_torchrun_callback.TorchrunCallback"
 
@@ -61,9 +61,9 @@ _REPORT = (
 
 def _forgery_note() -> str:
     """Why a launch may have failed, if another process wrote into this job's store."""
-    if "hydra_torchrun_callback._store" not in sys.modules:
+    if "hydra_torchrun_callback._wire.store" not in sys.modules:
         return ""
-    keys = sys.modules["hydra_torchrun_callback._store"].rejected_keys()
+    keys = sys.modules["hydra_torchrun_callback._wire.store"].rejected_keys()
     if not keys:
         return ""
     return (
@@ -133,12 +133,12 @@ class TorchrunCallback(Callback):
         if launcher.endswith("BasicLauncher"):  # jobs run in this very process
             self._start_warm_early()
         elif launcher.endswith("submitit_launcher.LocalLauncher"):  # emulated nodes
-            from hydra_torchrun_callback._local_wait import prompt_local_waits
+            from hydra_torchrun_callback._callback.local_wait import prompt_local_waits
 
             prompt_local_waits()  # see each job end when its nodes exit, not 1 s later
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra_torchrun_callback._local_wait import restore_local_waits
+        from hydra_torchrun_callback._callback.local_wait import restore_local_waits
 
         restore_local_waits()
 
@@ -147,13 +147,13 @@ class TorchrunCallback(Callback):
         its own (else ``_run_job`` starts it after this process's own torch import)."""
         if not self._warm or inside_torchrun_worker(os.environ):
             return
-        from hydra_torchrun_callback._placement import detect_cluster, task_cpus, usable_cpus
+        from hydra_torchrun_callback._node.placement import detect_cluster, task_cpus, usable_cpus
 
         try:
             task = detect_cluster(os.environ, options_here(self._options).cluster)
         except Exception:  # e.g. a cluster variable missing: the job itself will say so
             return
-        from hydra_torchrun_callback._warm import overlaps_imports, start_warm
+        from hydra_torchrun_callback._node.warm import overlaps_imports, start_warm
 
         if overlaps_imports(task_cpus(os.environ, usable_cpus(), task)):
             start_warm()
@@ -217,8 +217,8 @@ class TorchrunCallback(Callback):
         from hydra_torchrun_callback._support import require_supported
 
         require_supported()  # before importing torch: a missing torch gets its fix too
-        from hydra_torchrun_callback import _pickling
-        from hydra_torchrun_callback._worker import capture_resolvers, describe_main_module
+        from hydra_torchrun_callback._wire import pickling as _pickling
+        from hydra_torchrun_callback._worker.entry import capture_resolvers, describe_main_module
 
         # What only the Hydra process knows: its custom resolvers and __main__ module.
         origin = JobOrigin(
@@ -232,10 +232,10 @@ class TorchrunCallback(Callback):
             and os.environ.get(AGENT_IN_SERVER_ENV, "1") != "0"
         ):
             # The agent runs in a fork of the warm server: this process never imports
-            # torch (see _agent_host). The job is pickled here, once, so that an
+            # torch (see _node.agent_host). The job is pickled here, once, so that an
             # unpicklable task fails before anything starts, with the usual error.
-            from hydra_torchrun_callback._agent_link import run_in_warm_server
-            from hydra_torchrun_callback._launch import preemption_signal
+            from hydra_torchrun_callback._callback.agent_link import run_in_warm_server
+            from hydra_torchrun_callback._node.agent import preemption_signal
 
             try:
                 blob = _pickling.dumps(job)

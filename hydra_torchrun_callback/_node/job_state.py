@@ -1,7 +1,7 @@
 """What one node knows of its job: who is in it, who failed, who is alive.
 
-Kept apart from the store operations (:mod:`._job_ops`) and the decisions
-(:mod:`._job_decisions`), as torch's dynamic rendezvous keeps its state apart from its
+Kept apart from the store operations (:mod:`.job_ops`) and the decisions
+(:mod:`.job_decisions`), as torch's dynamic rendezvous keeps its state apart from its
 operations: a membership change (elastic jobs) is a change of this state.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra_torchrun_callback._job_decisions import Progress
+from hydra_torchrun_callback._node.job_decisions import Progress
 from hydra_torchrun_callback._result import TorchrunJobError
 
 __all__ = ["JobState"]

@@ -1,0 +1,59 @@
+"""One-line "ranks alive" reports in the Hydra process's log while the job runs
+(``heartbeat_interval``), from the node's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._report.frames import rank_ranges
+
+__all__ = [
+    "Heartbeat",
+]
+
+
+class Heartbeat:
+    """Log, every ``interval`` seconds, which ranks are alive (a one-line report)."""
+
+    def __init__(
+        self, interval: float, world_size: int, states: Callable[[], Mapping[int, str]]
+    ) -> None:
+        self.interval = interval
+        self.world_size = world_size
+        self.states = states
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="torchrun-heartbeat", daemon=True)
+
+    def line(self) -> str:
+        states = self.states()
+        alive = [r for r, state in states.items() if state == "alive"]
+        ended = [r for r, state in states.items() if state == "ended"]
+        starting = [r for r in range(self.world_size) if states.get(r, "starting") == "starting"]
+        text = (
+            f"torchrun heartbeat: {len(alive)}/{self.world_size} ranks alive "
+            f"[{rank_ranges(alive)}] after {time.monotonic() - self.started:.0f}s"
+        )
+        if starting:
+            text += f"; starting: [{rank_ranges(starting)}]"
+        if ended:
+            text += f"; ended: [{rank_ranges(ended)}]"
+        return text
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a report, never a reason to fail
+                log.info("%s", self.line())
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
