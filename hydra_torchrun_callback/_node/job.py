@@ -20,14 +20,18 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._options import Options, with_log_dir
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+
+if TYPE_CHECKING:  # imported where a node runs, lazily, as in the functions below
+    from hydra_torchrun_callback._node.coordinator import StacksRelay
+    from hydra_torchrun_callback._node.placement import Placement
 
 __all__ = [
     "JobOrigin",
@@ -64,7 +68,7 @@ class NodeJob:
 class JobReport:
     """What the job summary is made of, filled in as the job runs (node 0 publishes it)."""
 
-    def __init__(self, placement: Any, started: float) -> None:
+    def __init__(self, placement: Placement, started: float) -> None:
         from hydra_torchrun_callback._node.records import NodeRecords
 
         self.placement = placement
@@ -99,7 +103,7 @@ class JobReport:
 
 
 def _stack_service(
-    output_dir: str, placement: Any, report: JobReport, relay: Any = None
+    output_dir: str, placement: Placement, report: JobReport, relay: Optional[StacksRelay] = None
 ) -> contextlib.AbstractContextManager[Any]:
     """Answer ``hydra-torchrun-summary --stacks`` (and SIGURG) while the agent runs."""
     from hydra_torchrun_callback._node.stack_service import StackService
@@ -147,7 +151,7 @@ def pin_now_interpolations(config: DictConfig) -> None:
     walk(config, "")
 
 
-def place_node(opts: Options, config: DictConfig) -> Any:
+def place_node(opts: Options, config: DictConfig) -> Placement:
     """Where this node is in its job, decided once and passed down: the cluster task,
     its workers (GPUs SLURM gave this host, no CUDA context here, split among the job's
     tasks on it; CPUs from this task's affinity mask), the rendezvous. Imports torch,
@@ -270,7 +274,9 @@ def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Opt
     return data
 
 
-def _heartbeat(opts: Any, placement: Any, states: Any) -> contextlib.AbstractContextManager[Any]:
+def _heartbeat(
+    opts: Options, placement: Placement, states: Callable[[], Mapping[int, str]]
+) -> contextlib.AbstractContextManager[Any]:
     if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
         return contextlib.nullcontext()
     from hydra_torchrun_callback._node.heartbeat import Heartbeat
@@ -280,8 +286,8 @@ def _heartbeat(opts: Any, placement: Any, states: Any) -> contextlib.AbstractCon
 
 
 def _run_multinode(
-    opts: Any,
-    placement: Any,
+    opts: Options,
+    placement: Placement,
     payload: bytes,
     report: JobReport,
     output_dir: str,
