@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hydra_torchrun_callback._report.summary import clip, format_columns, render_table
+from hydra_torchrun_callback._report.job_summary import clip, format_columns, render_table
 from hydra_torchrun_callback._wire.protocol import SUMMARY_FILE
 
 __all__ = ["collect", "main"]

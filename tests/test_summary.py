@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra_torchrun_callback._node.heartbeat import Heartbeat
 from hydra_torchrun_callback._node.records import NodeRecords
-from hydra_torchrun_callback._report.summary import build_summary, render_table
+from hydra_torchrun_callback._report.job_summary import build_summary, render_table
 from hydra_torchrun_callback._wire.records import WorkerRecord
 from hydra_torchrun_callback.summary import collect
 

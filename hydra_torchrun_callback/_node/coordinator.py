@@ -39,7 +39,7 @@ from hydra_torchrun_callback._node.job_state import JobState
 from hydra_torchrun_callback._node.placement import Placement
 from hydra_torchrun_callback._proc import stop_self
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError, TorchrunSetupError
-from hydra_torchrun_callback._wire.protocol import JOB_STORE_ENV, job_prefix
+from hydra_torchrun_callback._wire.protocol import JOB_STORE_ENV, SECRET_FILE_ENV, job_prefix
 from hydra_torchrun_callback._wire.store import (
     ForeignStoreError,
     JobStore,
@@ -91,7 +91,7 @@ def open_job_store(
             f"({where}) within {timeout:.0f}s: {why}. Is node 0 running, and does "
             "its address resolve from here (hydra.callbacks.torchrun.master_addr / "
             "local_addr)? Do all nodes share the key file "
-            "~/.config/hydra-torchrun-callback/secret (or HYDRA_TORCHRUN_SECRET_FILE)? If "
+            f"~/.config/hydra-torchrun-callback/secret (or {SECRET_FILE_ENV})? If "
             "another job holds the port, set hydra.callbacks.torchrun.master_port to a free "
             "port (same on all nodes)."
         ) from exc

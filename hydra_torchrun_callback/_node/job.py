@@ -3,7 +3,7 @@
 The Hydra process builds one :class:`NodeJob` (the job's config and task, what only it
 knows, the parsed options), pickles it once, and hands it to :func:`run_node`: in a fork
 of the warm server (the default: the Hydra process never imports torch) or in itself
-(``start_method=spawn``/``fork``, ``HYDRA_TORCHRUN_AGENT_IN_SERVER=0``). Nothing here
+(``start_method=spawn``/``fork``, or ``AGENT_IN_SERVER_ENV`` set to 0). Nothing here
 imports the callback: the node side depends on the job, not on the Hydra process's class.
 
 The route of rank 0's return value to Hydra: the worker pickles it (``_worker.entry``) ->
@@ -30,7 +30,7 @@ from hydra_torchrun_callback._options import Options, with_log_dir
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 
 if TYPE_CHECKING:  # imported where a node runs, lazily, as in the functions below
-    from hydra_torchrun_callback._node.coordinator import StacksRelay
+    from hydra_torchrun_callback._node.coordinator import JobCoordinator, StacksRelay
     from hydra_torchrun_callback._node.placement import Placement
 
 __all__ = [
@@ -80,7 +80,7 @@ class JobReport:
 
     def publish(self, output_dir: str) -> None:
         """Log the table and save the JSON (nothing when no worker started)."""
-        from hydra_torchrun_callback._report.summary import (
+        from hydra_torchrun_callback._report.job_summary import (
             build_summary,
             render_table,
             write_summary,
@@ -285,6 +285,22 @@ def _heartbeat(
     return Heartbeat(opts.heartbeat_interval, world, states)
 
 
+def _join_job_store(opts: Options, placement: Placement, output_dir: str) -> JobCoordinator:
+    """This node's handle on the job's store (node 0 hosts it, with its output dir)."""
+    from hydra_torchrun_callback._node.coordinator import JobCoordinator
+    from hydra_torchrun_callback._wire.store import SecretError, load_secret
+
+    try:
+        secret = load_secret(os.environ)
+    except (SecretError, OSError) as exc:
+        raise TorchrunSetupError(str(exc)) from exc
+    # A node that never beats counts as lost after torch's rendezvous join timeout.
+    join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
+    return JobCoordinator(
+        placement, opts.peer_timeout, secret, join_timeout=join_timeout, job_dir=output_dir
+    )
+
+
 def _run_multinode(
     opts: Options,
     placement: Placement,
@@ -295,22 +311,9 @@ def _run_multinode(
 ) -> Optional[bytes]:
     """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
     from hydra_torchrun_callback._node.agent import launch
-    from hydra_torchrun_callback._node.coordinator import JobCoordinator, StacksRelay
-    from hydra_torchrun_callback._wire.store import SecretError, load_secret
+    from hydra_torchrun_callback._node.coordinator import StacksRelay
 
-    try:
-        secret = load_secret(os.environ)
-    except (SecretError, OSError) as exc:
-        raise TorchrunSetupError(str(exc)) from exc
-    # A node that never beats counts as lost after torch's rendezvous join timeout.
-    join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
-    coord = JobCoordinator(
-        placement,
-        opts.peer_timeout,
-        secret,
-        join_timeout=join_timeout,
-        job_dir=output_dir,
-    )
+    coord = _join_job_store(opts, placement, output_dir)
     placement = coord.placement  # with the port the job's store was found on
     node0 = placement.node_rank == 0
     job_dir = coord.ops.job_dir()

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from hydra_torchrun_callback._node.stack_service import harvest_stop_dumps
 from hydra_torchrun_callback._report.frames import Frame, where
-from hydra_torchrun_callback._report.summary import signal_name
+from hydra_torchrun_callback._report.job_summary import signal_name
 from hydra_torchrun_callback._wire.protocol import RECORDS_ENV
 
 __all__ = [

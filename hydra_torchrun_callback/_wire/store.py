@@ -6,7 +6,7 @@ carries an HMAC-SHA256 made with a secret the network never sees:
 
 - **The secret.** Multi-node jobs use the user's key file (32 random bytes, created once,
   0600, O_EXCL, under ``~/.config/hydra-torchrun-callback/`` which cluster nodes share
-  through the home file system; ``HYDRA_TORCHRUN_SECRET_FILE`` points elsewhere). A
+  through the home file system; :data:`.protocol.SECRET_FILE_ENV` points elsewhere). A
   one-machine job uses a fresh random secret that never leaves the process.
 - **The session.** Node 0 signs a ``hello`` (the job's run id and a fresh nonce) when it
   hosts the store; every other value is signed over (run id/nonce, key, value), so a value
