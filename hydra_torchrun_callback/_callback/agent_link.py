@@ -69,8 +69,7 @@ def _logger_levels() -> dict[str, tuple[int, bool]]:
 
 def run_in_warm_server(
     blob: bytes,
-    config: Any,
-    adopt: Callable[[Any, str, str], bool],
+    adopt: Callable[[str, str], bool],
     preemption: Optional[signal.Signals],
 ) -> Optional[bytes]:
     """In the Hydra process: run the pickled :class:`.._node.job.NodeJob` with
@@ -79,7 +78,7 @@ def run_in_warm_server(
     link = _AgentLink(blob, preemption)
     link.start()
     try:
-        return link.serve(config, adopt)
+        return link.serve(adopt)
     finally:
         link.close()
 
@@ -146,7 +145,7 @@ class _AgentLink:
         with contextlib.suppress(OSError, TypeError):
             os.kill(self.child.pid, signum)  # type: ignore[arg-type]
 
-    def serve(self, config: Any, adopt: Callable[[Any, str, str], bool]) -> Optional[bytes]:
+    def serve(self, adopt: Callable[[str, str], bool]) -> Optional[bytes]:
         """Answer the agent until it sends its outcome; return or raise that outcome (or
         what submitit's preemption handler raised here, once the agent wound down)."""
         while True:
@@ -166,7 +165,7 @@ class _AgentLink:
                 record = logging.makeLogRecord(value)
                 logging.getLogger(record.name).handle(record)  # levels applied in the agent
             elif kind == PipeMessage.ADOPT:
-                self.send((PipeMessage.ADOPT, adopt(config, *value)))
+                self.send((PipeMessage.ADOPT, adopt(*value)))
             elif kind in (PipeMessage.PREEMPTED, PipeMessage.PREEMPTED_NOW):
                 self._preempted(kind, value)
             elif kind in (PipeMessage.DONE, PipeMessage.ERROR):

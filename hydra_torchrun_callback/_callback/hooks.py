@@ -9,10 +9,10 @@ never runs in the Hydra process.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -32,7 +32,7 @@ from hydra_torchrun_callback._callback.per_node import (
     prepare_run,
 )
 from hydra_torchrun_callback._log import log
-from hydra_torchrun_callback._node.job import JobOrigin, NodeJob, run_node, unpicklable_task_error
+from hydra_torchrun_callback._node.job import node_job, run_node
 from hydra_torchrun_callback._node.placement import inside_torchrun_worker
 from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
@@ -218,32 +218,19 @@ class TorchrunCallback(Callback):
 
         require_supported()  # before importing torch: a missing torch gets its fix too
         from hydra_torchrun_callback._wire import pickling as _pickling
-        from hydra_torchrun_callback._worker.entry import capture_resolvers, describe_main_module
 
-        # What only the Hydra process knows: its custom resolvers and __main__ module.
-        origin = JobOrigin(
-            started=time.time(),
-            resolvers=capture_resolvers(),
-            main_module=describe_main_module(sys.modules.get("__main__")),
-        )
-        job = NodeJob(config, task_function, origin, options_here(self._job_options(config)))
-        if (
-            job.options.start_method == "forkserver"
-            and os.environ.get(AGENT_IN_SERVER_ENV, "1") != "0"
-        ):
+        options = options_here(self._job_options(config))
+        job = node_job(config, task_function, options)  # pickles the task: fails here
+        adopt = functools.partial(adopt_output_dir, config)
+        if options.start_method == "forkserver" and os.environ.get(AGENT_IN_SERVER_ENV) != "0":
             # The agent runs in a fork of the warm server: this process never imports
-            # torch (see _node.agent_host). The job is pickled here, once, so that an
-            # unpicklable task fails before anything starts, with the usual error.
+            # torch (see _node.agent_host).
             from hydra_torchrun_callback._callback.agent_link import run_in_warm_server
             from hydra_torchrun_callback._node.agent import preemption_signal
 
-            try:
-                blob = _pickling.dumps(job)
-            except Exception as exc:
-                raise unpicklable_task_error(task_function, exc) from exc
-            data = run_in_warm_server(blob, config, adopt_output_dir, preemption_signal(os.environ))
+            data = run_in_warm_server(_pickling.dumps(job), adopt, preemption_signal(os.environ))
         else:
-            data = run_node(job, adopt_output_dir)
+            data = run_node(job, adopt)
         if data is None:
             return None
 

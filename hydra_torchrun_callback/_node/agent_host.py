@@ -116,15 +116,11 @@ class _ParentLink:
         """The agent's preemption handler: the Hydra process runs submitit's, then answers."""
         self.ask(PipeMessage.PREEMPTED, signum)
 
-    def adopt(self, config: Any, own_dir: str, job_dir: str) -> bool:
+    def adopt(self, own_dir: str, job_dir: str) -> bool:
         """Node 0's output dir: the Hydra process moves its log and config there, then this
-        copy follows (the config the workers get, and the cwd)."""
-        from omegaconf import read_write
-
+        process follows (its cwd; the workers' payload is the caller's)."""
         if not self.ask(PipeMessage.ADOPT, (own_dir, job_dir)):
             return False
-        with read_write(config.hydra.runtime):
-            config.hydra.runtime.output_dir = job_dir
         here = os.path.realpath(os.getcwd()) if os.path.isdir(".") else ""
         if here in ("", os.path.realpath(own_dir)):
             os.chdir(job_dir)

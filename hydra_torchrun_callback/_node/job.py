@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
@@ -34,35 +35,78 @@ if TYPE_CHECKING:  # imported where a node runs, lazily, as in the functions bel
     from hydra_torchrun_callback._node.placement import Placement
 
 __all__ = [
-    "JobOrigin",
     "NodeJob",
+    "moved_payload",
+    "node_job",
     "pin_now_interpolations",
     "place_node",
     "run_node",
     "unpicklable_task_error",
-    "worker_payload",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
-class JobOrigin:
-    """What the agent needs from the Hydra process itself, read there (the agent may run
-    in a fork of the warm server, which has neither the app's resolvers nor its
-    ``__main__``)."""
-
-    started: float  # when the job reached the callback (the summary's wall time)
-    resolvers: dict[str, bytes]  # custom OmegaConf resolvers, each pickled
-    main_module: Optional[tuple[str, str]]  # the app's __main__, for workers to import
-
-
-@dataclasses.dataclass(frozen=True)
 class NodeJob:
-    """One Hydra job as a node runs it: built once in the Hydra process, pickled once."""
+    """One Hydra job as a node runs it: built once in the Hydra process (:func:`node_job`),
+    pickled once. The task and its config travel inside ``payload``, already pickled for
+    the workers, so the node never pickles them again (unless it moves into node 0's
+    output dir) and never imports the callback."""
 
-    config: DictConfig  # the job's config, ``hydra`` node included
-    task: Any  # the task function Hydra calls
-    origin: JobOrigin  # what only the Hydra process knows
+    payload: bytes  # what every worker gets (``_worker.entry.WorkerPayload``), pickled
+    output_dir: str  # the job's output dir (``hydra.runtime.output_dir``), writable
+    job_num: int  # ``hydra.job.num``: part of a cluster job's rendezvous id
+    started: float  # when the job reached the callback (the summary's wall time)
     options: Options  # parsed in the Hydra process (PET_* and the installed torch)
+
+
+def node_job(config: DictConfig, task: Any, options: Options) -> NodeJob:
+    """In the Hydra process: the job as its nodes run it, with what only this process
+    knows (its custom resolvers, its ``__main__``, its ``${now:}`` timestamps). An
+    unpicklable task or config fails here, before anything starts."""
+    from hydra_torchrun_callback._wire import pickling as _pickling
+    from hydra_torchrun_callback._worker.entry import (
+        WorkerPayload,
+        capture_resolvers,
+        describe_main_module,
+    )
+
+    started = time.time()
+    output_dir = _output_dir(config)
+    pin_now_interpolations(config)
+    try:
+        payload = _pickling.dumps(
+            WorkerPayload(
+                task=task,
+                config=config,
+                cwd=os.getcwd(),
+                started=started,
+                resolvers=capture_resolvers(),
+                main_module=describe_main_module(sys.modules.get("__main__")),
+            )
+        )
+    except Exception as exc:
+        raise unpicklable_task_error(task, exc) from exc
+    job_num = OmegaConf.select(config, "hydra.job.num", default=0)
+    return NodeJob(
+        payload=payload,
+        output_dir=output_dir,
+        job_num=job_num if isinstance(job_num, int) else 0,
+        started=started,
+        options=options,
+    )
+
+
+def moved_payload(payload: bytes, job_dir: str) -> bytes:
+    """The workers' payload once this node works in node 0's output dir ``job_dir``
+    (multi-node, when ``${now:}`` in ``hydra.run.dir`` resolved differently here)."""
+    from omegaconf import read_write
+
+    from hydra_torchrun_callback._wire import pickling as _pickling
+
+    moved = _pickling.loads(payload)
+    with read_write(moved.config.hydra.runtime):
+        moved.config.hydra.runtime.output_dir = job_dir
+    return _pickling.dumps(dataclasses.replace(moved, cwd=os.getcwd()))
 
 
 class JobReport:
@@ -151,7 +195,7 @@ def pin_now_interpolations(config: DictConfig) -> None:
     walk(config, "")
 
 
-def place_node(opts: Options, config: DictConfig) -> Placement:
+def place_node(opts: Options, job_num: int) -> Placement:
     """Where this node is in its job, decided once and passed down: the cluster task,
     its workers (GPUs SLURM gave this host, no CUDA context here, split among the job's
     tasks on it; CPUs from this task's affinity mask), the rendezvous. Imports torch,
@@ -184,10 +228,7 @@ def place_node(opts: Options, config: DictConfig) -> Placement:
         cpus,
         torch.cuda.device_count() if share.host_gpus is None else 0,
     )
-    job_num = OmegaConf.select(config, "hydra.job.num", default=0)
-    placement = resolve_placement(
-        opts, os.environ, plan.nproc, job_num=job_num if isinstance(job_num, int) else 0
-    )
+    placement = resolve_placement(opts, os.environ, plan.nproc, job_num=job_num)
     # An interface name (ib0) is resolved on each node.
     address = interface_address(placement.local_addr) if placement.local_addr else None
     placement = dataclasses.replace(
@@ -210,48 +251,26 @@ def _output_dir(config: DictConfig) -> str:
     return output_dir
 
 
-def worker_payload(job: NodeJob) -> bytes:
-    """What every worker of this node gets: the task and its config as they are now."""
-    from hydra_torchrun_callback._wire import pickling as _pickling
-    from hydra_torchrun_callback._worker.entry import WorkerPayload
-
-    try:
-        return _pickling.dumps(
-            WorkerPayload(
-                task=job.task,
-                config=job.config,
-                cwd=os.getcwd(),
-                started=job.origin.started,
-                resolvers=job.origin.resolvers,
-                main_module=job.origin.main_module,
-            )
-        )
-    except Exception as exc:
-        raise unpicklable_task_error(job.task, exc) from exc
-
-
-def run_node(job: NodeJob, adopt: Callable[[DictConfig, str, str], bool]) -> Optional[bytes]:
+def run_node(job: NodeJob, adopt: Callable[[str, str], bool]) -> Optional[bytes]:
     """Place this node, start its agent and workers; rank 0's pickled value (node 0).
 
-    ``adopt(config, own_dir, node0_dir)`` moves this node's job into node 0's output dir
-    when they differ (the Hydra process owns the log files it moves)."""
+    ``adopt(own_dir, node0_dir)`` moves this node's job into node 0's output dir when
+    they differ (the Hydra process owns the log files and the config it moves)."""
     from hydra_torchrun_callback._node.agent import launch
     from hydra_torchrun_callback._wire.store import reset_rejections
 
     reset_rejections()  # each job logs (and names) the forgeries it saw itself
-    placement = place_node(job.options, job.config)
-    output_dir = _output_dir(job.config)
+    placement = place_node(job.options, job.job_num)
+    output_dir, payload = job.output_dir, job.payload
     opts = with_log_dir(job.options, output_dir)  # files the user asked for are kept
-    pin_now_interpolations(job.config)
 
     def payload_in(job_dir: str) -> Optional[bytes]:
         """Node 0 decided the job's output dir (``${now:}`` resolved at another time
-        here): take it, then pickle the job as it now is (None: kept our own)."""
-        return worker_payload(job) if adopt(job.config, output_dir, job_dir) else None
+        here): take it, then the workers' payload as it now is (None: kept our own)."""
+        return moved_payload(payload, job_dir) if adopt(output_dir, job_dir) else None
 
-    payload = worker_payload(job)
     log.info("%s", placement.describe())
-    report = JobReport(placement, job.origin.started)
+    report = JobReport(placement, job.started)
     try:
         if placement.cluster is None:
             with (
