@@ -124,7 +124,7 @@ def test_worker_environment(tmp_path: Path) -> None:
     run_ids = set()
     for rank, record in seen.items():
         env = record["env"]
-        missing = [k for k in WORKER_ENV if not env[k]]
+        missing = [k for k in WORKER_ENV if not env.get(k)]
         assert not missing, missing
         assert (env["LOCAL_RANK"], env["ROLE_RANK"], env["GROUP_RANK"]) == (
             str(rank),

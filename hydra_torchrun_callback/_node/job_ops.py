@@ -39,7 +39,7 @@ from hydra_torchrun_callback._wire.protocol import (
     rows_key,
     stacks_key,
 )
-from hydra_torchrun_callback._wire.store import JobStore, decode_error, encode_error
+from hydra_torchrun_callback._wire.store import JobStore
 
 __all__ = ["JobOps", "initial_keys"]
 
@@ -63,7 +63,7 @@ def _decoded(payload: Optional[bytes]) -> Optional[TorchrunJobError]:
     if not payload:  # absent, forged, or the empty slot
         return None
     try:
-        return decode_error(payload)  # type: ignore[no-any-return]
+        return FailureRecord.from_json(payload).error()
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -86,7 +86,7 @@ class JobOps:
         """Publish this node's failure. The root cause (the rank that claimed the first
         failure) always wins the job's slot; any other failure only fills an empty one.
         Each node's own report is kept too: it is the last word on that node's ranks."""
-        blob = encode_error(error)
+        blob = FailureRecord.of(error).to_json()
         self.js.set(node_failure_key(self.node), blob)
         if error.rank is not None and error.rank == self.first_failed_rank():
             self.js.set(FAILURE_KEY, blob)

@@ -53,8 +53,6 @@ __all__ = [
     "JobStore",
     "SecretError",
     "Signer",
-    "decode_error",
-    "encode_error",
     "host_job_store",
     "join_job_store",
     "load_secret",
@@ -291,20 +289,6 @@ class JobStore:
             reject(self.key(name))
             return None
         return data
-
-
-# -- failure records (JSON, capped: see _result.FailureRecord) ----------------------------
-def encode_error(error: Any) -> bytes:
-    """A TorchrunJobError as JSON, texts capped (never a pickle)."""
-    from hydra_torchrun_callback._result import FailureRecord
-
-    return FailureRecord.of(error).to_json()
-
-
-def decode_error(payload: bytes) -> Any:
-    from hydra_torchrun_callback._result import FailureRecord
-
-    return FailureRecord.from_json(payload).error()
 
 
 # -- opening the store ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Test app for the torchrun parity tests: each rank does what torch's launcher test
-scripts do (``test/distributed/launcher/bin/``): writes the torchrun environment it sees
+scripts do (``test/distributed/launcher/bin/``): writes the environment it sees
 (``test_script.py``), initialises a gloo group with a given ``init_method`` and checks an
 all_reduce (``test_script_init_method.py``), reports ``is_torchelastic_launched()``
 (``test_script_is_torchelastic_launched.py``), prints ``creating <RANK>``
@@ -12,30 +12,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-#: What torchrun gives its workers (torch's LocalElasticAgent._start_workers, launch_agent).
-TORCHRUN_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "LOCAL_WORLD_SIZE",
-    "WORLD_SIZE",
-    "GROUP_WORLD_SIZE",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_ERROR_FILE",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "OMP_NUM_THREADS",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "CUDA_VISIBLE_DEVICES",
-)
-
 
 @hydra.main(version_base=None, config_path="conf", config_name="parity")
 def main(cfg: DictConfig) -> object:
@@ -44,7 +20,7 @@ def main(cfg: DictConfig) -> object:
 
     rank = int(os.environ.get("RANK", "-1"))
     record = {
-        "env": {k: os.environ.get(k) for k in TORCHRUN_ENV},
+        "env": dict(os.environ),  # the tests check what torchrun gives its workers
         "is_torchelastic_launched": dist.is_torchelastic_launched(),
         "pid": os.getpid(),
     }

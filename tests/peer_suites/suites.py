@@ -23,7 +23,7 @@ SUITE = os.environ.get("HTR_PEER_SUITE", "basic")
 CALLBACK = ["hydra/callbacks=torchrun", "hydra.callbacks.torchrun.nproc_per_node=2"]
 # hydra-submitit-launcher's own parametrisation (its tests/test_submitit_launcher.py),
 # the callback added.
-SUBMITIT = {
+SUITES = {
     "basic": ("basic", []),
     "submitit1": ("submitit_local", ["hydra.launcher.timeout_min=2"]),
     "submitit2": (
@@ -31,7 +31,7 @@ SUBMITIT = {
         ["hydra.launcher.timeout_min=2", "hydra.launcher.tasks_per_node=2"],
     ),
 }
-LAUNCHER, LAUNCHER_OVERRIDES = SUBMITIT[SUITE]
+LAUNCHER, LAUNCHER_OVERRIDES = SUITES[SUITE]
 # Two tasks per node are two emulated nodes: one worker each keeps the world at 2.
 NPROC = ["hydra.callbacks.torchrun.nproc_per_node=1"] if SUITE == "submitit2" else []
 
