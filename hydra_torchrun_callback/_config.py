@@ -95,6 +95,23 @@ class TorchrunConf:
     summary: bool = True
     # Seconds between one-line "ranks alive" reports in the Hydra process log; 0: off.
     heartbeat_interval: float = 0.0
+    # Seconds the workers get after a preemption / time-limit signal (SLURM's, passed on by
+    # the agent) to save a checkpoint and exit, before the job is requeued. The workers
+    # still running then get SIGTERM (and SIGKILL after shutdown_timeout).
+    preemption_grace: float = 30.0
+
+    # Sweeps (-m) only; point jobs ignore these. README "Sweeps that outlive interruptions".
+    # Return at once; the sweep runs on in a controller: a SLURM job of its own under
+    # submitit_slurm, a detached local process otherwise.
+    detach: bool = False
+    # Continue the sweep in hydra.sweep.dir (same app, same task overrides): completed
+    # points are not run again, queued/running SLURM points are waited for, the rest run
+    # again in their own dirs.
+    resume: bool = False
+    # The detached controller's SLURM job, over the launcher's settings: submitit names
+    # (partition, account, qos, timeout_min, cpus_per_task, mem_gb, setup,
+    # max_num_timeout, ...). Unset: 1 task, 1 CPU, the launcher's site settings and time.
+    controller: Optional[dict[str, Any]] = None
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(
@@ -160,3 +177,4 @@ class TorchrunLauncherConf:
     peer_timeout: float = 20.0
     summary: bool = True
     heartbeat_interval: float = 0.0
+    preemption_grace: float = 30.0

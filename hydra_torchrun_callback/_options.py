@@ -168,6 +168,11 @@ class Options:
     signals_to_handle: str = DEFAULT_SIGNALS
     shutdown_timeout: Optional[int] = None
     virtual_local_rank: bool = False
+    preemption_grace: float = 30.0
+    detach: bool = False
+    resume: bool = False
+    #: The detached controller's SLURM job parameters (submitit names), over ours.
+    controller: tuple[tuple[str, Any], ...] = ()
     #: Options whose value came from a ``PET_*`` variable: option -> variable name.
     from_env: tuple[tuple[str, str], ...] = ()
 
@@ -454,6 +459,12 @@ def _parse_options(raw: Mapping[str, Any]) -> Options:
         if get("shutdown_timeout") is None
         else _int("shutdown_timeout", get("shutdown_timeout"), 1, "30"),
         virtual_local_rank=_bool("virtual_local_rank", get("virtual_local_rank", False)),
+        preemption_grace=_positive_float(
+            "preemption_grace", get("preemption_grace", 30.0), "120"
+        ),
+        detach=_bool("detach", get("detach", False)),
+        resume=_bool("resume", get("resume", False)),
+        controller=_controller(get("controller")),
     )
 
 
@@ -539,6 +550,25 @@ def _bool(option: str, value: Any) -> bool:
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
     raise TorchrunOptionError(option, value, "expected true or false", "false")
+
+
+def _controller(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``controller``: a mapping of submitit parameter names to values."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise TorchrunOptionError(
+            "controller",
+            value,
+            "expected a mapping of SLURM job settings (submitit's names)",
+            "{partition: cpu, timeout_min: 4320}",
+        )
+    bad = [k for k in value if not str(k).isidentifier()]
+    if bad:
+        raise TorchrunOptionError(
+            "controller", value, f"{bad[0]!r} is not a parameter name", "{timeout_min: 4320}"
+        )
+    return tuple(sorted((str(k), v) for k, v in value.items()))
 
 
 def _heartbeat(value: Any) -> float:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 __all__ = [
     "FailureRecord",
     "TorchrunJobError",
+    "TorchrunPointLost",
     "TorchrunSetupError",
     "cap_text",
     "is_crash",
@@ -68,6 +69,37 @@ class TorchrunJobError(RuntimeError):
 
     def __reduce__(self) -> Any:  # keep the attributes across pickling (submitit)
         return (_rebuild_job_error, (self.args[0], self.__dict__))
+
+
+class TorchrunPointLost(TorchrunJobError):
+    """A sweep point whose job ended without a result (killed, OOM, ``scancel``, a lost
+    node, a time limit after its requeues): its FAILED ``JobReturn`` carries this, and the
+    sweep's other points go on. ``state``/``exit_code``: the scheduler's; ``log_tail``: the
+    last lines of the job's log."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: Optional[str] = None,
+        state: Optional[str] = None,
+        exit_code: Optional[str] = None,
+        log_tail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_point_lost, (self.args[0], self.__dict__))
+
+
+def _rebuild_point_lost(message: str, state: dict[str, Any]) -> TorchrunPointLost:
+    error = TorchrunPointLost(message)
+    error.__dict__.update(state)
+    return error
 
 
 @dataclasses.dataclass(frozen=True)

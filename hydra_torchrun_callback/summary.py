@@ -1,4 +1,9 @@
-"""Inspect a run or a sweep afterwards: one line per job from its ``torchrun_summary.json``.
+"""Inspect a run or a sweep: one line per job from its ``torchrun_summary.json``.
+
+A sweep started with the callback is shown first as a sweep, while it runs too: its
+controller (alive or not, where, its log), each point's state (pending, running with its
+job id, completed with its value, failed with its root cause) and the command that
+resumes it. ``hydra-torchrun-cancel <sweep dir>`` stops its controller and its jobs.
 
     python -m hydra_torchrun_callback.summary multirun/2026-11-22/12-00-00
     python -m hydra_torchrun_callback.summary outputs/ --ranks     # each job's rank table too
@@ -28,7 +33,7 @@ import yaml
 from hydra_torchrun_callback._report.job_summary import clip, format_columns, render_table
 from hydra_torchrun_callback._wire.protocol import SUMMARY_FILE
 
-__all__ = ["collect", "main"]
+__all__ = ["cancel_main", "collect", "main"]
 
 
 def _overrides(job_dir: Path) -> list[str]:
@@ -111,6 +116,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stacks:
         return _stacks(args.root, args.timeout, args.full, args.json)
     jobs = collect(args.root)
+    from hydra_torchrun_callback._sweep.view import is_sweep, render_sweep, sweep_status
+
+    if is_sweep(args.root):
+        status = sweep_status(args.root)
+        if args.json:
+            print(json.dumps({"sweep": status, "jobs": jobs}, indent=2, default=str))
+        else:
+            print(render_sweep(status))
+            if jobs:
+                print("\n" + jobs_table(jobs))
+        done = all(p["state"] == "completed" for p in status["points"])
+        return 0 if done and status["points"] else 1
     if not jobs:
         print(f"no {SUMMARY_FILE} under {args.root} (was summary=false?)", file=sys.stderr)
         return 2
@@ -122,6 +139,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for job in jobs:
                 print(f"\n{job['job']}: " + render_table(job))
     return 0 if all(job["status"] == "COMPLETED" for job in jobs) else 1
+
+
+def cancel_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hydra-torchrun-cancel <sweep dir>``: the sweep's controller, then its point jobs."""
+    parser = argparse.ArgumentParser(
+        prog="hydra-torchrun-cancel",
+        description="Cancel a sweep started with hydra/callbacks=torchrun: its controller "
+        "(a SLURM job or a local process), then every point job it submitted that still runs.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's hydra.sweep.dir")
+    parser.add_argument(
+        "--controller-only",
+        action="store_true",
+        help="stop the controller only: its SLURM point jobs run on (resume re-attaches)",
+    )
+    args = parser.parse_args(argv)
+    from hydra_torchrun_callback._sweep.view import cancel_sweep, is_sweep
+
+    if not is_sweep(args.sweep_dir):
+        parser.error(f"{args.sweep_dir} holds no sweep started with hydra/callbacks=torchrun")
+    for line in cancel_sweep(args.sweep_dir, args.controller_only) or ["nothing was running"]:
+        print(line)
+    return 0
 
 
 def _stacks(root: Path, timeout: float, full: bool, as_json: bool) -> int:

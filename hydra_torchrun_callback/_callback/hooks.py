@@ -28,6 +28,7 @@ from hydra_torchrun_callback._callback.divert import (
 )
 from hydra_torchrun_callback._callback.per_node import (
     adopt_output_dir,
+    node_index,
     prepare_multirun,
     prepare_run,
 )
@@ -36,7 +37,8 @@ from hydra_torchrun_callback._node.job import node_job, run_node
 from hydra_torchrun_callback._node.placement import inside_torchrun_worker
 from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
-from hydra_torchrun_callback._wire.protocol import AGENT_IN_SERVER_ENV
+from hydra_torchrun_callback._sweep.points import PointJob
+from hydra_torchrun_callback._wire.protocol import AGENT_IN_SERVER_ENV, RUN_ID_ENV
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
 
@@ -115,6 +117,8 @@ class TorchrunCallback(Callback):
         self._warm = options_here(options).start_method == "forkserver"
         self._options = options
         self._diversion: Optional[Diversion] = None
+        self._point: Optional[PointJob] = None
+        self._run_id: Optional[str] = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A node's copy of the callback, unpickled by submitit in the node's task."""
@@ -123,13 +127,30 @@ class TorchrunCallback(Callback):
             _quick_exit_at_end()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        opts = options_here(self._options)
+        if opts.detach or opts.resume:
+            name = "detach" if opts.detach else "resume"
+            raise SystemExit(
+                f"hydra/callbacks=torchrun: hydra.callbacks.torchrun.{name}=true is for sweeps: "
+                "add -m (a single run is a one-point sweep then), or drop the option."
+            )
         prepare_run(config)  # node k of a plain srun step: no .hydra/, its own log file
         self._start_warm_early()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra_torchrun_callback._sweep.control import begin_sweep, wrap
+
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        try:
+            # Checks a resume, or detaches (SystemExit(0)): before anything is submitted.
+            start = begin_sweep(config, options_here(self._options))
+        except TorchrunSetupError as exc:
+            # Hydra turns an Exception from this hook into a warning and sweeps on.
+            raise SystemExit(f"hydra/callbacks=torchrun: {exc}") from exc
         # Each node's job writes only its own files in the shared output dir.
         prepare_multirun(config)
-        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if start is not None:
+            wrap(config, start)  # dead points fail alone; resume; the sweep's records
         if launcher.endswith("BasicLauncher"):  # jobs run in this very process
             self._start_warm_early()
         elif launcher.endswith("submitit_launcher.LocalLauncher"):  # emulated nodes
@@ -139,8 +160,10 @@ class TorchrunCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra_torchrun_callback._callback.local_wait import restore_local_waits
+        from hydra_torchrun_callback._sweep.control import end_sweep
 
         restore_local_waits()
+        end_sweep()
 
     def _start_warm_early(self) -> None:
         """The warm server imports torch while Hydra sets the job up, if it has a core of
@@ -180,6 +203,7 @@ class TorchrunCallback(Callback):
         except Exception as exc:
             raise _abort("preparing the job", exc) from exc
         outcome = Outcome()
+        self._job_started(config)
         try:
             outcome.value = self._run_job(config, task_function)
         except (TorchrunJobError, TorchrunOptionError, TorchrunSetupError) as exc:
@@ -204,6 +228,23 @@ class TorchrunCallback(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self._restore()
+        if self._point is not None:
+            from hydra_torchrun_callback._sweep.points import finish_point
+
+            finish_point(self._point, job_return)
+            self._point = None
+        if self._run_id is not None:
+            os.environ.pop(RUN_ID_ENV, None)
+            self._run_id = None
+
+    def _job_started(self, config: DictConfig) -> None:
+        """This job's run identity for the task, and (node 0 of a sweep's point) its
+        record in its output dir: what resume and the sweep's summary read."""
+        from hydra_torchrun_callback._sweep.points import point_job, run_identity
+
+        if RUN_ID_ENV not in os.environ:
+            self._run_id = os.environ[RUN_ID_ENV] = run_identity(config, os.environ)
+        self._point = point_job(config, os.environ) if node_index() == 0 else None
 
     def _job_options(self, config: DictConfig) -> dict[str, Any]:
         return job_options(config, self._options)

@@ -111,7 +111,8 @@ def isolated_process_state(records: Optional[NodeRecords] = None) -> Iterator[No
 
 
 #: How long workers get to act on a preemption signal (save a checkpoint, exit)
-#: before submitit's own handler requeues the job and exits this process.
+#: before submitit's own handler requeues the job and exits this process: the
+#: ``preemption_grace`` option's default.
 PREEMPT_GRACE_S = 30.0
 
 
@@ -150,7 +151,9 @@ def recorded_workers(records: Optional[NodeRecords]) -> Callable[[], list[int]]:
 
 @contextlib.contextmanager
 def forward_preemption(
-    sig: Optional[signal.Signals], workers: Callable[[], list[int]] = _worker_pids
+    sig: Optional[signal.Signals],
+    workers: Callable[[], list[int]] = _worker_pids,
+    grace: float = PREEMPT_GRACE_S,
 ) -> Iterator[None]:
     """Pass the preemption signal on to the workers, give them time to checkpoint,
     then let the handler that was there (submitit's: checkpoint + requeue) run: in the
@@ -168,7 +171,7 @@ def forward_preemption(
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
-        deadline = time.monotonic() + PREEMPT_GRACE_S
+        deadline = time.monotonic() + grace
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         if callable(then):
@@ -393,7 +396,9 @@ def launch(
             with (
                 isolated_process_state(records),
                 no_main_reimport(),
-                forward_preemption(preemption_signal(os.environ), recorded_workers(records)),
+                forward_preemption(
+                    preemption_signal(os.environ), recorded_workers(records), opts.preemption_grace
+                ),
                 follow_local_launcher(os.environ),
                 private_tempdir(private_tmp),
                 rendezvous_signer(placement.run_id, _rendezvous_signer(placement, coord)),

@@ -16,7 +16,8 @@ crosses a boundary:
   encoded and chunked by ``_wire.store``; what each node does with them is
   ``_node.job_ops``);
 - **files** the workers, the nodes and the user's shell exchange through the node's
-  records folder and the job's output dir.
+  records folder and the job's output dir, and a sweep's controller, its point jobs and
+  the user's shell exchange through the sweep dir (``_wire.sweep_files`` writes them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,17 @@ __all__ = [
     "RECORDS_ENV",
     "REQUEST_ID",
     "RESULT_KEY",
+    "CONTROLLER_FILE",
+    "CONTROLLER_JOB_ENV",
+    "CONTROLLER_LOG",
+    "LEDGER_DIR",
+    "POINT_FILE",
+    "POINT_VALUE_FILE",
+    "RUN_ID_ENV",
     "SECRET_FILE_ENV",
+    "SWEEP_FILE",
+    "SWEEP_ROLE_ENV",
+    "SWEEP_STATE_DIR",
     "STACKS_COUNT_KEY",
     "STACKS_DIR",
     "STACKS_SIGNAL",
@@ -66,6 +77,15 @@ SECRET_FILE_ENV = "HYDRA_TORCHRUN_SECRET_FILE"
 #: Set by the user: ``0`` keeps the agent in the Hydra process with the warm start (one
 #: more torch import per node; to step through the agent with pdb).
 AGENT_IN_SERVER_ENV = "HYDRA_TORCHRUN_AGENT_IN_SERVER"
+#: Hydra process -> workers (the task): the job's run identity, stable across requeues and
+#: resumes (a logger's run id: W&B ``id=``, Lightning's ``version=``).
+RUN_ID_ENV = "HYDRA_TORCHRUN_RUN_ID"
+#: Detaching process -> the sweep's controller: "controller" (never detach again; resume
+#: whatever the sweep dir holds).
+SWEEP_ROLE_ENV = "HYDRA_TORCHRUN_SWEEP_ROLE"
+#: Controller's SLURM job -> the controller: its own job id (the sweep's allocation
+#: variables are removed so point jobs do not inherit them).
+CONTROLLER_JOB_ENV = "HYDRA_TORCHRUN_CONTROLLER_JOB"
 #: Hydra process -> warm server: the pid whose death ends the server.
 WARM_PARENT_ENV = "HYDRA_TORCHRUN_WARM_PARENT"
 #: Agent -> workers: where to claim the job's first failure, "host:port prefix session".
@@ -169,6 +189,22 @@ SUMMARY_FILE = "torchrun_summary.json"
 STACKS_DIR = ".torchrun_stacks"
 #: In :data:`STACKS_DIR`: what node 0 says of the running job.
 JOB_FILE = "job.json"
+
+
+#: In the sweep dir: the sweep's own state (the controller's, never a job's).
+SWEEP_STATE_DIR = ".torchrun_sweep"
+#: In :data:`SWEEP_STATE_DIR`: what the sweep is (app, task overrides, id, command).
+SWEEP_FILE = "sweep.json"
+#: In :data:`SWEEP_STATE_DIR`: the controller (where it runs, its log, its job id).
+CONTROLLER_FILE = "controller.json"
+#: In :data:`SWEEP_STATE_DIR`: a detached local controller's output.
+CONTROLLER_LOG = "controller.log"
+#: In :data:`SWEEP_STATE_DIR`: one file per point the controller submitted (its job ids).
+LEDGER_DIR = "points"
+#: In a point's output dir: its state and attempts, written by its job (node 0).
+POINT_FILE = "torchrun_point.json"
+#: In a point's output dir: rank 0's value, pickled and signed (HMAC) by its job.
+POINT_VALUE_FILE = "torchrun_result.bin"
 
 
 #: A stack request's id in :data:`STACKS_DIR` (``req-<ID>``): seconds, then random hex.
