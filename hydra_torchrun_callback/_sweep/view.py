@@ -168,7 +168,9 @@ def render_sweep(status: Mapping[str, Any]) -> str:
         if c.get("slurm_job")
         else f"pid {c.get('pid')} on {c.get('host')}"
     )
-    alive = "alive" if c.get("alive") else "not running"
+    alive = "not running"
+    if c.get("alive"):
+        alive = "alive" if c.get("state") in ("running", "submitted", None) else "shutting down"
     seen = f", last seen {c['seen_s_ago']:.0f} s ago" if "seen_s_ago" in c else ""
     lines = [
         f"sweep {status['sweep_dir']} ({status['app']}: {' '.join(status['task_overrides'] or [])})",

@@ -2,13 +2,16 @@
 
 Every rank writes ``rank<r>.<pid>.json`` (pid, run id, SLURM variables) in its output dir;
 rank 0 appends ``x pid`` to ``<original cwd>/runs.log`` (how often each point ran). A point
-raises if ``<original cwd>/fail_<x>`` exists and waits for ``<original cwd>/release`` with
+raises if ``<original cwd>/fail_<x>`` exists; the first point to claim
+``<original cwd>/die_once`` SIGKILLs its whole job (its Hydra process, then itself: an
+OOM kill, a lost node); it waits for ``<original cwd>/release`` with
 ``wait_release=true``. It returns a ``Fraction`` (a type a restored value must keep) or a
 float (for Optuna).
 """
 
 import json
 import os
+import signal
 import time
 from fractions import Fraction
 
@@ -35,6 +38,11 @@ def main(cfg: DictConfig) -> object:
     if rank == 0:
         with open(os.path.join(home, "runs.log"), "a") as f:
             f.write(f"{cfg.x} {os.getpid()}\n")
+    if rank == 0 and _claim(os.path.join(home, "die_once"), os.path.join(out, "died")):
+        with open(os.path.join(out, "torchrun_point.json")) as f:
+            job_pid = json.load(f)["attempts"][-1]["pid"]  # the point's Hydra process
+        os.kill(job_pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     if os.path.exists(os.path.join(home, f"fail_{cfg.x}")):
         raise RuntimeError(f"point x={cfg.x} was told to fail")
     while cfg.wait_release and not os.path.exists(os.path.join(home, "release")):
@@ -42,6 +50,14 @@ def main(cfg: DictConfig) -> object:
     if cfg.returns == "float":
         return float(cfg.x) ** 2
     return Fraction(int(cfg.x), 3)
+
+
+def _claim(path: str, to: str) -> bool:
+    try:
+        os.rename(path, to)  # atomic: one point only
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
