@@ -1,0 +1,201 @@
+"""Sweeps that outlive interruptions on a real SLURM cluster (3 nodes) that these tests
+start and stop: the detached controller is a SLURM job of its own that submits the point
+jobs from inside its allocation; cancelled mid-sweep and resumed, it re-attaches to the
+running point jobs (none submitted twice); requeued (``scontrol requeue``), it resumes by
+itself. ``.ci/run`` sets HTR_REQUIRE_SLURM=1: a missing cluster fails there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
+
+from conftest import REPO, start_app
+from test_sweeps import PLUGIN, by_x, runs, saw, sweep_env, wait_for
+
+SLURM = [
+    "hydra/launcher=submitit_slurm",
+    "hydra.launcher.nodes=2",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.timeout_min=30",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSandbox]:
+    missing = SlurmSandbox.missing_tools()
+    if os.geteuid() != 0 or missing:
+        why = f"not root; missing: {', '.join(missing) or 'nothing'}"
+        if os.environ.get("HTR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HTR_REQUIRE_SLURM=1 but the SLURM sandbox cannot run ({why})")
+        pytest.skip(f"needs root and Debian's {PACKAGES} ({why})")
+    with SlurmSandbox(tmp_path_factory.mktemp("slurm3"), nodes=3).running() as sandbox:
+        yield sandbox
+
+
+def env_of(cluster: SlurmSandbox) -> dict[str, str]:
+    env = sweep_env()
+    env.update(cluster.env())
+    assert str(PLUGIN) in env["PYTHONPATH"] and str(REPO) in env["PYTHONPATH"]
+    return env
+
+
+def detached(tmp_path: Path, cluster: SlurmSandbox, *overrides: str) -> tuple[str, str]:
+    """Start a detached sweep; (the command's output, the controller's SLURM job id)."""
+    start = time.monotonic()
+    proc = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        *SLURM,
+        "hydra.callbacks.torchrun.detach=true",
+        *overrides,
+        script="sweep_app.py",
+        multirun=True,
+        env=env_of(cluster),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert time.monotonic() - start < 60
+    line = next(line for line in out.splitlines() if "controller: SLURM job" in line)
+    return out, line.split("SLURM job")[1].split()[0]
+
+
+def squeue(cluster: SlurmSandbox, job: str) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"],
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+
+
+def controller(tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "multi" / ".torchrun_sweep" / "controller.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def ledger_jobs(tmp_path: Path) -> dict[int, list[str]]:
+    folder = tmp_path / "multi" / ".torchrun_sweep" / "points"
+    return {
+        int(p.stem): [j["job_id"] for j in json.loads(p.read_text())["jobs"]]
+        for p in folder.glob("*.json")
+    }
+
+
+def point_jobs_running(tmp_path: Path, cluster: SlurmSandbox, count: int) -> list[str]:
+    wait_for(lambda: len(runs(tmp_path)) == count, 180, f"{count} points to start")
+    jobs = [j for ids in ledger_jobs(tmp_path).values() for j in ids]
+    assert len(jobs) == count
+    wait_for(lambda: all(squeue(cluster, j) == "RUNNING" for j in jobs), 60, "points running")
+    return jobs
+
+
+def test_controller_is_a_slurm_job_that_submits_from_its_allocation(
+    tmp_path: Path, cluster: SlurmSandbox
+) -> None:
+    out, job = detached(tmp_path, cluster, "x=1,2")
+    assert "hydra-torchrun-cancel" in out
+    wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
+    rows = by_x(saw(tmp_path))
+    assert {x: r["value"] for x, r in rows.items()} == {
+        "x=1": "Fraction(1, 3)",
+        "x=2": "Fraction(2, 3)",
+    }
+    assert controller(tmp_path)["slurm_job"] == job
+    assert controller(tmp_path)["host"] in cluster.node_names  # it ran on a SLURM node
+    for num in (0, 1):
+        facts = [json.loads(p.read_text()) for p in (tmp_path / "multi" / str(num)).glob("rank*.json")]
+        assert len(facts) == 2 and {f["world_size"] for f in facts} == {2}  # 2 nodes each
+        for fact in facts:
+            env = fact["env"]
+            # The point jobs did not inherit the controller's allocation.
+            assert job not in (env.get("SLURM_JOB_ID"), env.get("SLURM_JOBID")), env
+            assert env["SLURM_JOB_NAME"] == "sweep_app"  # not the controller's "-sweep" job
+            assert "HYDRA_TORCHRUN_SWEEP_ROLE" not in env
+
+
+def test_controller_cancelled_then_resume_reattaches(
+    tmp_path: Path, cluster: SlurmSandbox
+) -> None:
+    _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
+    points = point_jobs_running(tmp_path, cluster, 2)
+    submitted = ledger_jobs(tmp_path)
+    cancel = subprocess.run(
+        [sys.executable, "-c", "from hydra_torchrun_callback.summary import cancel_main; "
+         "raise SystemExit(cancel_main())", str(tmp_path / "multi"), "--controller-only"],
+        env=env_of(cluster), capture_output=True, text=True, timeout=60,
+    )
+    assert cancel.returncode == 0 and f"controller SLURM job {job}" in cancel.stdout, cancel
+    wait_for(lambda: squeue(cluster, job) in ("", "CANCELLED"), 60, "the controller's end")
+    assert [squeue(cluster, j) for j in points] == ["RUNNING", "RUNNING"]  # they run on
+
+    status = subprocess.run(
+        [sys.executable, "-m", "hydra_torchrun_callback.summary", str(tmp_path / "multi")],
+        env=env_of(cluster), capture_output=True, text=True, timeout=60,
+    )
+    assert "controller: not running" in status.stdout and "2 running" in status.stdout, status
+
+    resume = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        *SLURM,
+        "x=1,2",
+        "wait_release=true",
+        "hydra.callbacks.torchrun.resume=true",
+        script="sweep_app.py",
+        multirun=True,
+        env=env_of(cluster),
+    )
+    time.sleep(5)
+    (tmp_path / "release").touch()
+    out, _ = resume.communicate(timeout=240)
+    assert resume.returncode == 0, out[-3000:]
+    assert out.count("its job still runs, waiting for it") == 2, out[-3000:]
+    rows = by_x(saw(tmp_path))
+    assert {x: r["value"] for x, r in rows.items()} == {
+        "x=1": "Fraction(1, 3)",
+        "x=2": "Fraction(2, 3)",
+    }
+    assert ledger_jobs(tmp_path) == submitted  # none submitted twice
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+
+
+def test_requeued_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSandbox) -> None:
+    env = env_of(cluster)
+    _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
+    point_jobs_running(tmp_path, cluster, 2)
+    first = controller(tmp_path)
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=30)
+    # A requeued job waits (BeginTime) before it may run again: release it at once.
+    wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+    wait_for(
+        lambda: controller(tmp_path).get("started", 0) > first["started"]
+        and controller(tmp_path).get("state") == "running",
+        180,
+        "the controller to start again",
+    )
+    (tmp_path / "release").touch()
+    wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
+    rows = by_x(saw(tmp_path))
+    assert {x: r["value"] for x, r in rows.items()} == {
+        "x=1": "Fraction(1, 3)",
+        "x=2": "Fraction(2, 3)",
+    }
+    assert all(len(ids) == 1 for ids in ledger_jobs(tmp_path).values()), ledger_jobs(tmp_path)
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
