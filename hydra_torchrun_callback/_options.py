@@ -459,9 +459,7 @@ def _parse_options(raw: Mapping[str, Any]) -> Options:
         if get("shutdown_timeout") is None
         else _int("shutdown_timeout", get("shutdown_timeout"), 1, "30"),
         virtual_local_rank=_bool("virtual_local_rank", get("virtual_local_rank", False)),
-        preemption_grace=_positive_float(
-            "preemption_grace", get("preemption_grace", 30.0), "120"
-        ),
+        preemption_grace=_positive_float("preemption_grace", get("preemption_grace", 30.0), "120"),
         detach=_bool("detach", get("detach", False)),
         resume=_bool("resume", get("resume", False)),
         controller=_controller(get("controller")),

@@ -126,6 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(render_sweep(status))
             if jobs:
                 print("\n" + jobs_table(jobs))
+            if args.ranks:
+                for job in jobs:
+                    print(f"\n{job['job']}: " + render_table(job))
         done = all(p["state"] == "completed" for p in status["points"])
         return 0 if done and status["points"] else 1
     if not jobs:

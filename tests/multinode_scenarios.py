@@ -101,10 +101,17 @@ def failure_on_node_1(tmp_path: Path, launcher: list[str], env: dict[str, str]) 
 
 
 def preempted_and_requeued(
-    tmp_path: Path, launcher: list[str], env: dict[str, str], signal_job: object
+    tmp_path: Path,
+    launcher: list[str],
+    env: dict[str, str],
+    signal_job: object,
+    *extra: str,
+    checkpointed: bool = True,
 ) -> float:
     """The preemption signal reaches the workers, they checkpoint, the job is requeued
-    and the next run resumes from the checkpoint and completes."""
+    and the next run resumes from the checkpoint and completes, as the same run (its
+    HYDRA_TORCHRUN_RUN_ID). ``checkpointed=False``: the workers' checkpoint outlasts the
+    preemption grace, so the agent stops them (SIGTERM) before they save it."""
     tag = uuid.uuid4().hex
     env = {**env, "HTR_TEST_TAG": tag}
     out = tmp_path / "multi"
@@ -117,6 +124,7 @@ def preempted_and_requeued(
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={rec}",
         f"hydra.sweep.dir={out}",
+        *extra,
         script="requeue_app.py",
         multirun=True,
         env=env,
@@ -137,11 +145,19 @@ def preempted_and_requeued(
     wall = time.monotonic() - start
     assert proc.returncode == 0, output
     ckpts = sorted(job_dir.glob("ckpt_rank*.json"))
-    assert len(ckpts) == 4  # every worker got the signal and saved its checkpoint
-    assert all(json.loads(p.read_text())["signal"] == "SIGUSR2" for p in ckpts)
+    terms = sorted(job_dir.glob("term_rank*.json"))
+    if checkpointed:
+        assert len(ckpts) == 4  # every worker got the signal and saved its checkpoint
+        assert all(json.loads(p.read_text())["signal"] == "SIGUSR2" for p in ckpts)
+        assert terms == []
+    else:
+        assert ckpts == [] and len(terms) == 4  # stopped at the end of the grace
     final = [r for r in (json.loads(x) for x in rec.read_text().splitlines()) if r["task"] == 0]
     assert final[-1]["status"] == "COMPLETED", final
     assert final[-1]["value"]["resumed"] is True and final[-1]["value"]["rank"] == 0
+    if checkpointed:  # the requeued job is the same run for the task's loggers
+        before, after = final[-1]["value"]["run_ids"]
+        assert before == after and after and len(after) == 20, final[-1]["value"]
     assert left_behind(tag) == []
     return wall
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import multinode_scenarios as sc
@@ -24,6 +25,22 @@ def test_failure_on_second_node(tmp_path: Path) -> None:
 
 def test_preempted_and_requeued(tmp_path: Path) -> None:
     sc.preempted_and_requeued(tmp_path, LOCAL, app_env(), sc.signal_agents)
+
+
+def test_preemption_grace_is_an_option(tmp_path: Path) -> None:
+    """Workers whose checkpoint takes 20 s, with preemption_grace=2: the agent stops them
+    (SIGTERM) after 2 s and the job is requeued; the requeued job completes."""
+    start = time.monotonic()
+    sc.preempted_and_requeued(
+        tmp_path,
+        LOCAL,
+        app_env(),
+        sc.signal_agents,
+        "hydra.callbacks.torchrun.preemption_grace=2",
+        "+checkpoint_s=20",
+        checkpointed=False,
+    )
+    assert time.monotonic() - start < 60
 
 
 def test_preemption_reaches_forkserver_workers(tmp_path: Path) -> None:

@@ -214,14 +214,20 @@ def test_sweep_inspected_afterwards(app) -> None:
     cli = [sys.executable, "-m", "hydra_torchrun_callback.summary", str(run.out)]
     proc = subprocess.run(cli, capture_output=True, text=True, env=app_env(), timeout=60)
     assert proc.returncode == 1, proc.stderr  # not every job completed
-    head, columns, job0, job1 = proc.stdout.splitlines()
+    sweep, jobs_part = proc.stdout.split("\n\n")
+    # First the sweep (its points, as the sweep dir says), then one line per job.
+    assert "2 point(s): 1 completed, 1 failed" in sweep
+    assert "hydra.callbacks.torchrun.resume=true" in sweep
+    head, columns, job0, job1 = jobs_part.splitlines()
     assert head == "2 job(s): 1 COMPLETED, 1 FAILED"
     assert columns.split()[:3] == ["job", "overrides", "status"]
     assert job0.split()[:5] == ["0", "fail_rank=-1", "COMPLETED", "1", "x"]
     assert job1.split()[:3] == ["1", "fail_rank=1", "FAILED"]
     assert job1.endswith("rank 1: ValueError: probe failure on rank 1 attempt 0")
     as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, env=app_env())
-    jobs = json.loads(as_json.stdout)
+    both = json.loads(as_json.stdout)
+    assert [p["state"] for p in both["sweep"]["points"]] == ["completed", "failed"]
+    jobs = both["jobs"]
     assert [(j["job"], j["status"], j["root_cause_rank"]) for j in jobs] == [
         ("0", "COMPLETED", None),
         ("1", "FAILED", 1),

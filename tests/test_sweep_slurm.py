@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_sweeps import PLUGIN, by_x, runs, saw, sweep_env, wait_for
 
 from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
 
 from conftest import REPO, start_app
-from test_sweeps import PLUGIN, by_x, runs, saw, sweep_env, wait_for
 
 SLURM = [
     "hydra/launcher=submitit_slurm",
@@ -118,7 +118,9 @@ def test_controller_is_a_slurm_job_that_submits_from_its_allocation(
     assert controller(tmp_path)["slurm_job"] == job
     assert controller(tmp_path)["host"] in cluster.node_names  # it ran on a SLURM node
     for num in (0, 1):
-        facts = [json.loads(p.read_text()) for p in (tmp_path / "multi" / str(num)).glob("rank*.json")]
+        facts = [
+            json.loads(p.read_text()) for p in (tmp_path / "multi" / str(num)).glob("rank*.json")
+        ]
         assert len(facts) == 2 and {f["world_size"] for f in facts} == {2}  # 2 nodes each
         for fact in facts:
             env = fact["env"]
@@ -128,16 +130,23 @@ def test_controller_is_a_slurm_job_that_submits_from_its_allocation(
             assert "HYDRA_TORCHRUN_SWEEP_ROLE" not in env
 
 
-def test_controller_cancelled_then_resume_reattaches(
-    tmp_path: Path, cluster: SlurmSandbox
-) -> None:
+def test_controller_cancelled_then_resume_reattaches(tmp_path: Path, cluster: SlurmSandbox) -> None:
     _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
     points = point_jobs_running(tmp_path, cluster, 2)
     submitted = ledger_jobs(tmp_path)
     cancel = subprocess.run(
-        [sys.executable, "-c", "from hydra_torchrun_callback.summary import cancel_main; "
-         "raise SystemExit(cancel_main())", str(tmp_path / "multi"), "--controller-only"],
-        env=env_of(cluster), capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from hydra_torchrun_callback.summary import cancel_main; "
+            "raise SystemExit(cancel_main())",
+            str(tmp_path / "multi"),
+            "--controller-only",
+        ],
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cancel.returncode == 0 and f"controller SLURM job {job}" in cancel.stdout, cancel
     wait_for(lambda: squeue(cluster, job) in ("", "CANCELLED"), 60, "the controller's end")
@@ -145,7 +154,10 @@ def test_controller_cancelled_then_resume_reattaches(
 
     status = subprocess.run(
         [sys.executable, "-m", "hydra_torchrun_callback.summary", str(tmp_path / "multi")],
-        env=env_of(cluster), capture_output=True, text=True, timeout=60,
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "controller: not running" in status.stdout and "2 running" in status.stdout, status
 
@@ -185,8 +197,10 @@ def test_requeued_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSan
     wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
     wait_for(
-        lambda: controller(tmp_path).get("started", 0) > first["started"]
-        and controller(tmp_path).get("state") == "running",
+        lambda: (
+            controller(tmp_path).get("started", 0) > first["started"]
+            and controller(tmp_path).get("state") == "running"
+        ),
         180,
         "the controller to start again",
     )

@@ -15,10 +15,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
-
-from fractions import Fraction
 
 import pytest
 
@@ -66,11 +65,17 @@ def by_x(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def runs(tmp_path: Path) -> Counter[str]:
     path = tmp_path / "runs.log"
-    return Counter(line.split()[0] for line in path.read_text().splitlines()) if path.exists() else Counter()
+    return (
+        Counter(line.split()[0] for line in path.read_text().splitlines())
+        if path.exists()
+        else Counter()
+    )
 
 
 def point(tmp_path: Path, num: int) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((tmp_path / "multi" / str(num) / "torchrun_point.json").read_text())
+    data: dict[str, Any] = json.loads(
+        (tmp_path / "multi" / str(num) / "torchrun_point.json").read_text()
+    )
     return data
 
 
@@ -119,7 +124,11 @@ def test_killed_point_fails_alone_then_resume_runs_it_again(tmp_path: Path) -> N
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     rows = by_x(saw(tmp_path)[3:])
     assert [rows[x]["status"] for x in sorted(rows)] == ["COMPLETED"] * 3
-    assert {rows[x]["value"] for x in rows} == {"Fraction(1, 3)", "Fraction(2, 3)", "Fraction(1, 1)"}
+    assert {rows[x]["value"] for x in rows} == {
+        "Fraction(1, 3)",
+        "Fraction(2, 3)",
+        "Fraction(1, 1)",
+    }
     assert {rows[x]["type"] for x in rows} == {"Fraction"}
     again = runs(tmp_path) - before
     assert again == Counter({died[0][2:]: 1}), again  # only the dead point ran again
@@ -174,7 +183,11 @@ def test_failed_point_resumed_on_the_basic_launcher(tmp_path: Path) -> None:
 def test_detached_sweep_returns_at_once_and_completes(tmp_path: Path) -> None:
     start = time.monotonic()
     out = sweep(
-        tmp_path, *LOCAL, "x=1,2", "wait_release=true", "hydra.callbacks.torchrun.detach=true",
+        tmp_path,
+        *LOCAL,
+        "x=1,2",
+        "wait_release=true",
+        "hydra.callbacks.torchrun.detach=true",
         timeout=120,
     )
     took = time.monotonic() - start
@@ -196,7 +209,10 @@ def test_detached_sweep_returns_at_once_and_completes(tmp_path: Path) -> None:
     path = multi / ".torchrun_sweep" / "controller.json"
     wait_for(lambda: json.loads(path.read_text())["state"] == "finished", 120, "the sweep's end")
     rows = by_x(saw(tmp_path))
-    assert {x: r["value"] for x, r in rows.items()} == {"x=1": "Fraction(1, 3)", "x=2": "Fraction(2, 3)"}
+    assert {x: r["value"] for x, r in rows.items()} == {
+        "x=1": "Fraction(1, 3)",
+        "x=2": "Fraction(2, 3)",
+    }
     wait_for(lambda: not Path(f"/proc/{controller['pid']}").exists(), 60, "the controller's exit")
     done = summary(tmp_path)
     assert done.returncode == 0 and "2 point(s): 2 completed" in done.stdout
@@ -212,12 +228,22 @@ def test_cancelled_local_controller_then_resumed(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:]
     wait_for(lambda: len(runs(tmp_path)) == 1, 120, "the first point to start")
     cancel = subprocess.run(
-        [sys.executable, "-c", "from hydra_torchrun_callback.summary import cancel_main; "
-         "raise SystemExit(cancel_main())", str(tmp_path / "multi")],
-        env=sweep_env(), capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from hydra_torchrun_callback.summary import cancel_main; "
+            "raise SystemExit(cancel_main())",
+            str(tmp_path / "multi"),
+        ],
+        env=sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cancel.returncode == 0 and "SIGTERM" in cancel.stdout, cancel
-    pid = json.loads((tmp_path / "multi" / ".torchrun_sweep" / "controller.json").read_text())["pid"]
+    pid = json.loads((tmp_path / "multi" / ".torchrun_sweep" / "controller.json").read_text())[
+        "pid"
+    ]
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "the controller to end")
     (tmp_path / "release").touch()
     resumed = sweep(tmp_path, "x=1,2", "wait_release=true", "hydra.callbacks.torchrun.resume=true")

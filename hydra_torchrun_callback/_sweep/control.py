@@ -199,12 +199,16 @@ def begin_sweep(config: DictConfig, options: Any) -> Optional[SweepStart]:
         )
     if resume and existing is not None:
         _wait_for_previous(sweep_dir)
-    info = dict(existing) if resume and existing is not None else {
-        "id": secrets.token_hex(12),
-        "created": time.time(),
-        **mine,
-        "launcher": kind,
-    }
+    info = (
+        dict(existing)
+        if resume and existing is not None
+        else {
+            "id": secrets.token_hex(12),
+            "created": time.time(),
+            **mine,
+            "launcher": kind,
+        }
+    )
     info["command"] = controller_command(sweep_dir)
     info["cwd"] = os.getcwd()
     sweep_files.write_sweep(sweep_dir, info)

@@ -170,10 +170,11 @@ class SweepRun:
                         "resume: point #%d (%s): %s",
                         step.num,
                         " ".join(step.overrides),
-                        {"done": "completed, its saved value", "attach": "its job still "
-                         "runs, waiting for it", "run": "runs again in its own dir"}[
-                            step.action.value
-                        ],
+                        {
+                            "done": "completed, its saved value",
+                            "attach": "its job still runs, waiting for it",
+                            "run": "runs again in its own dir",
+                        }[step.action.value],
                     )
         for step in steps:
             if step.action is Action.DONE:
@@ -186,10 +187,12 @@ class SweepRun:
         if self.kind == "basic":
             for run in _consecutive(to_run):  # one launch per run of numbers, as Hydra's
                 for step in run:
-                    self._ledger(step, {"executor": "basic", "host": socket.gethostname(),
-                                        "pid": os.getpid()})
+                    self._ledger(
+                        step,
+                        {"executor": "basic", "host": socket.gethostname(), "pid": os.getpid()},
+                    )
                 returns = self.inner.launch([list(s.overrides) for s in run], run[0].num)
-                for step, ret in zip(run, returns):
+                for step, ret in zip(run, returns, strict=True):
                     results[step.index] = ret
         else:
             started = self._submit(to_run)
@@ -207,9 +210,11 @@ class SweepRun:
     def _executor(self) -> Any:
         """The submitit executor hydra-submitit-launcher would build from its parameters."""
         import submitit
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from hydra_plugins.hydra_submitit_launcher.config import (  # type: ignore[import-untyped]
+            BaseQueueConf,
+        )
 
-        params = dict(self.inner.params)
+        params = dict(self.inner.params)  # type: ignore[attr-defined]
         init = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
             init[f"{self.kind}_max_num_timeout"] = params.pop("max_num_timeout")
@@ -243,11 +248,11 @@ class SweepRun:
                     Singleton.get_state(),
                 )
             )
-        jobs = executor.map_array(self.inner, *zip(*params))
-        folder = str(self.inner.params["submitit_folder"])
-        for step, job in zip(steps, jobs):
+        jobs: list[Any] = executor.map_array(self.inner, *zip(*params, strict=True))
+        folder = str(self.inner.params["submitit_folder"])  # type: ignore[attr-defined]
+        for step, job in zip(steps, jobs, strict=True):
             self._ledger(step, {"executor": self.kind, "job_id": job.job_id, "folder": folder})
-        return [_Started(step, job, True) for step, job in zip(steps, jobs)]
+        return [_Started(step, job, True) for step, job in zip(steps, jobs, strict=True)]
 
     def _attach(self, steps: list[Step]) -> list[_Started]:
         if not steps:
@@ -260,7 +265,7 @@ class SweepRun:
             last = ledger[step.num]["jobs"][-1]
             assert step.known is not None and step.known.live_job is not None
             log.info("resume: waiting for point #%d's job %s", step.num, step.known.live_job)
-            job = submitit.SlurmJob(folder=last["folder"], job_id=step.known.live_job)
+            job: Any = submitit.SlurmJob(folder=last["folder"], job_id=step.known.live_job)
             started.append(_Started(step, job, False))
         return started
 
@@ -337,8 +342,7 @@ class SweepRun:
         recorded = attempts[-1].get("cause") if record.get("sweep_id") == self.sweep_id else None
         log_path = getattr(getattr(job, "paths", None), "stderr", None)
         tail = _tail(Path(str(log_path))) if log_path else ""
-        why = recorded or (str(exc).strip().splitlines()[0] if exc is not None and str(exc)
-                           else "")
+        why = recorded or (str(exc).strip().splitlines()[0] if exc is not None and str(exc) else "")
         message = (
             f"sweep point #{step.num} ({' '.join(step.overrides)}) ended without a result: "
             f"{self.kind} job {job_id} is {state}"

@@ -99,9 +99,9 @@ def sweep_status(root: Path) -> dict[str, Any]:
     sweep_id = str(info.get("id", ""))
     ledger = sweep_files.read_ledger(root, sweep_id)
     records = _records(root, sweep_id)
-    jobs = [str(e["jobs"][-1].get("job_id")) for e in ledger.values() if e.get("jobs")]
+    lasts = {num: e["jobs"][-1] for num, e in ledger.items() if e.get("jobs")}
+    slurm = [str(j.get("job_id")) for j in lasts.values() if j.get("executor") == "slurm"]
     controller_job = (sweep_files.read_controller(root) or {}).get("slurm_job")
-    slurm = [j for j, e in zip(jobs, ledger.values()) if e["jobs"][-1].get("executor") == "slurm"]
     try:
         states = scheduler.job_states([*slurm, *([str(controller_job)] if controller_job else [])])
     except Exception:
@@ -173,7 +173,8 @@ def render_sweep(status: Mapping[str, Any]) -> str:
         alive = "alive" if c.get("state") in ("running", "submitted", None) else "shutting down"
     seen = f", last seen {c['seen_s_ago']:.0f} s ago" if "seen_s_ago" in c else ""
     lines = [
-        f"sweep {status['sweep_dir']} ({status['app']}: {' '.join(status['task_overrides'] or [])})",
+        f"sweep {status['sweep_dir']} ({status['app']}: "
+        f"{' '.join(status['task_overrides'] or [])})",
         f"controller: {alive}, {where}, state {c.get('state')}{seen}; log {c.get('log')}",
     ]
     rows = []
@@ -196,7 +197,9 @@ def render_sweep(status: Mapping[str, Any]) -> str:
     lines.append(
         f"{len(rows)} point(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     )
-    lines += format_columns(("point", "overrides", "state", "job", "attempts", "value / cause"), rows)
+    lines += format_columns(
+        ("point", "overrides", "state", "job", "attempts", "value / cause"), rows
+    )
     if status["resume"]:
         lines.append(f"resume: {status['resume']}")
     lines.append(f"cancel: {status['cancel']}")

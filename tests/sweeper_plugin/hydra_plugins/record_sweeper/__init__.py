@@ -11,7 +11,7 @@ on a failed point, so every batch runs.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -22,14 +22,14 @@ from hydra.core.utils import JobStatus
 class RecordSweeperConf:
     _target_: str = "hydra_plugins.record_sweeper.RecordSweeper"
     max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    params: Optional[dict[str, str]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="record", node=RecordSweeperConf)
 
 
 class RecordSweeper(BasicSweeper):
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         assert self.config is not None and self.launcher is not None
@@ -48,7 +48,7 @@ class RecordSweeper(BasicSweeper):
             idx += len(batch)
             with open(sweep_dir / "sweeper_saw.jsonl", "a") as f:
                 for ret in results:
-                    row: Dict[str, Any] = {
+                    row: dict[str, Any] = {
                         "overrides": list(ret.overrides or []),
                         "status": ret.status.name,
                         "working_dir": ret.working_dir,
