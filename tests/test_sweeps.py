@@ -38,6 +38,7 @@ def sweep(
     *overrides: str,
     timeout: float = 240,
     sweeper: str = "record",
+    env: dict[str, str] | None = None,
     **popen: Any,
 ) -> subprocess.CompletedProcess[str]:
     proc = start_app(
@@ -47,7 +48,7 @@ def sweep(
         *overrides,
         script="sweep_app.py",
         multirun=True,
-        env=sweep_env(),
+        env=env or sweep_env(),
         **popen,
     )
     out, _ = proc.communicate(timeout=timeout)
@@ -301,3 +302,25 @@ def test_bad_sweep_options_are_refused_before_anything_runs(tmp_path: Path) -> N
 
     bad = sweep(tmp_path, "x=1", "hydra.callbacks.torchrun.controller=oops")
     assert bad.returncode != 0 and "controller" in bad.stdout
+
+
+def test_wandb_run_continues_across_a_resume(tmp_path: Path) -> None:
+    """The README's W&B recipe: ``wandb.init(id=os.environ["HYDRA_TORCHRUN_RUN_ID"],
+    resume="allow")``. A point that failed and was resumed logs both attempts to one run
+    (offline mode: the runs' folders name the run id)."""
+    pytest.importorskip("wandb")
+    (tmp_path / "fail_1").touch()
+    env = {"WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    first = sweep(tmp_path, "x=1", "wandb=true", env={**sweep_env(), **env})
+    assert first.returncode == 0 and by_x(saw(tmp_path))["x=1"]["status"] == "FAILED"
+    (tmp_path / "fail_1").unlink()
+    again = sweep(
+        tmp_path, "x=1", "wandb=true", "hydra.callbacks.torchrun.resume=true",
+        env={**sweep_env(), **env},
+    )
+    assert again.returncode == 0, again.stdout[-3000:]
+    job = tmp_path / "multi" / "0"
+    ids = {json.loads(p.read_text())["run_id"] for p in job.glob("rank0.*.json")}
+    assert len(ids) == 1
+    runs_dirs = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
+    assert len(runs_dirs) == 2 and {d.rsplit("-", 1)[1] for d in runs_dirs} == ids, runs_dirs

@@ -5,7 +5,8 @@ rank 0 appends ``x pid`` to ``<original cwd>/runs.log`` (how often each point ra
 raises if ``<original cwd>/fail_<x>`` exists; the first point to claim
 ``<original cwd>/die_once`` SIGKILLs its whole job (its Hydra process, then itself: an
 OOM kill, a lost node); it waits for ``<original cwd>/release`` with
-``wait_release=true``. It returns a ``Fraction`` (a type a restored value must keep) or a
+``wait_release=true``. With ``wandb=true`` rank 0 logs to W&B (offline) under the
+job's run identity. It returns a ``Fraction`` (a type a restored value must keep) or a
 float (for Optuna).
 """
 
@@ -38,6 +39,18 @@ def main(cfg: DictConfig) -> object:
     if rank == 0:
         with open(os.path.join(home, "runs.log"), "a") as f:
             f.write(f"{cfg.x} {os.getpid()}\n")
+    if cfg.wandb and rank == 0:  # W&B, offline: the run continues across attempts
+        import wandb
+
+        run = wandb.init(
+            project="htr-test",
+            id=os.environ["HYDRA_TORCHRUN_RUN_ID"],
+            resume="allow",
+            mode="offline",
+            dir=out,
+        )
+        run.log({"x": cfg.x})
+        run.finish()
     if rank == 0 and _claim(os.path.join(home, "die_once"), os.path.join(out, "died")):
         with open(os.path.join(out, "torchrun_point.json")) as f:
             job_pid = json.load(f)["attempts"][-1]["pid"]  # the point's Hydra process
