@@ -110,8 +110,9 @@ class TorchrunConf:
     resume: bool = False
     # The detached controller's SLURM job, over the launcher's settings: submitit names
     # (partition, account, qos, timeout_min, cpus_per_task, mem_gb, setup,
-    # max_num_timeout, ...). Unset: 1 task, 1 CPU, the launcher's site settings and time.
-    controller: Optional[dict[str, Any]] = None
+    # max_num_timeout, ...), e.g. +hydra.callbacks.torchrun.controller.partition=cpu.
+    # Empty: 1 task, 1 CPU, the launcher's site settings and time.
+    controller: dict[str, Any] = field(default_factory=dict)
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(

@@ -213,3 +213,49 @@ def test_requeued_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSan
     }
     assert all(len(ids) == 1 for ids in ledger_jobs(tmp_path).values()), ledger_jobs(tmp_path)
     assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+
+
+def test_dead_point_fails_alone_on_slurm(tmp_path: Path, cluster: SlurmSandbox) -> None:
+    """A point's 2-node job loses its node-0 task (SIGKILLed: an OOM kill, a lost node): that
+    point is FAILED with SLURM's state and exit code; the other point's value arrives."""
+    (tmp_path / "die_once").touch()
+    proc = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        *SLURM,
+        "x=1,2",
+        script="sweep_app.py",
+        multirun=True,
+        env=env_of(cluster),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    rows = by_x(saw(tmp_path))
+    failed = [r for r in rows.values() if r["status"] == "FAILED"]
+    done = [r for r in rows.values() if r["status"] == "COMPLETED"]
+    assert len(failed) == 1 and len(done) == 1, rows
+    assert failed[0]["error_type"] == "TorchrunPointLost"
+    assert "ended without a result: slurm job" in failed[0]["error"]
+    assert "(exit code " in failed[0]["error"], failed[0]["error"]
+
+
+def test_controller_that_cannot_be_placed_is_refused(tmp_path: Path, cluster: SlurmSandbox) -> None:
+    proc = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        *SLURM,
+        "x=1,2",
+        "hydra.callbacks.torchrun.detach=true",
+        "+hydra.callbacks.torchrun.controller.partition=nosuch",
+        script="sweep_app.py",
+        multirun=True,
+        env=env_of(cluster),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "the sweep's controller could not be submitted as a SLURM job" in out, out[-3000:]
+    assert "nosuch" in out and "Nothing else was submitted" in out
+    assert not (tmp_path / "multi" / ".torchrun_sweep" / "points").exists()  # no point job
+    assert not runs(tmp_path)

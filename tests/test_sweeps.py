@@ -292,6 +292,16 @@ def test_bad_sweep_options_are_refused_before_anything_runs(tmp_path: Path) -> N
     assert other.returncode != 0
     assert "was started with the task overrides ['x=1,2']" in other.stdout, other.stdout
     assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+    another = start_app(
+        tmp_path,
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        "fail_rank=-1,0",
+        "hydra.callbacks.torchrun.resume=true",
+        multirun=True,
+        env=sweep_env(),
+    )
+    text, _ = another.communicate(timeout=120)
+    assert another.returncode != 0 and "holds a sweep of app 'sweep_app'" in text, text
 
     single = start_app(
         tmp_path, "hydra.callbacks.torchrun.detach=true", script="sweep_app.py", env=sweep_env()
@@ -315,7 +325,10 @@ def test_wandb_run_continues_across_a_resume(tmp_path: Path) -> None:
     assert first.returncode == 0 and by_x(saw(tmp_path))["x=1"]["status"] == "FAILED"
     (tmp_path / "fail_1").unlink()
     again = sweep(
-        tmp_path, "x=1", "wandb=true", "hydra.callbacks.torchrun.resume=true",
+        tmp_path,
+        "x=1",
+        "wandb=true",
+        "hydra.callbacks.torchrun.resume=true",
         env={**sweep_env(), **env},
     )
     assert again.returncode == 0, again.stdout[-3000:]
