@@ -162,7 +162,14 @@ def cancel_main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not is_sweep(args.sweep_dir):
         parser.error(f"{args.sweep_dir} holds no sweep started with hydra/callbacks=torchrun")
-    for line in cancel_sweep(args.sweep_dir, args.controller_only) or ["nothing was running"]:
+    from hydra_torchrun_callback._result import TorchrunSetupError
+
+    try:
+        lines = cancel_sweep(args.sweep_dir, args.controller_only)
+    except TorchrunSetupError as exc:
+        print(f"hydra-torchrun-cancel: {exc}", file=sys.stderr)
+        return 1
+    for line in lines or ["nothing was running"]:
         print(line)
     return 0
 

@@ -169,6 +169,7 @@ def test_controller_job_keeps_the_sites_settings_and_takes_overrides() -> None:
         "cpus_per_task": 1,
         "timeout_min": 4320,
         "name": "train-sweep",
+        "stderr_to_stdout": True,
         "slurm_setup": ["module load cuda"],
         "slurm_partition": "cpu",
         "slurm_account": "proj",

@@ -337,3 +337,68 @@ def test_wandb_run_continues_across_a_resume(tmp_path: Path) -> None:
     assert len(ids) == 1
     runs_dirs = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
     assert len(runs_dirs) == 2 and {d.rsplit("-", 1)[1] for d in runs_dirs} == ids, runs_dirs
+
+
+def test_resume_waits_for_a_sweep_still_running(tmp_path: Path) -> None:
+    """A resume started while the sweep's own (foreground) command still runs waits for it,
+    then hands back what it completed: no point runs twice."""
+    first = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        "x=1,2",
+        "wait_release=true",
+        script="sweep_app.py",
+        multirun=True,
+        env=sweep_env(),
+    )
+    wait_for(lambda: len(runs(tmp_path)) == 1, 120, "the first point to start")
+    second = start_app(
+        tmp_path,
+        "hydra/sweeper=record",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        "x=1,2",
+        "wait_release=true",
+        "hydra.callbacks.torchrun.resume=true",
+        script="sweep_app.py",
+        multirun=True,
+        env=sweep_env(),
+    )
+    time.sleep(5)
+    assert second.poll() is None  # waiting, not refused
+    (tmp_path / "release").touch()
+    out1, _ = first.communicate(timeout=120)
+    out2, _ = second.communicate(timeout=120)
+    assert first.returncode == 0, out1[-3000:]
+    assert second.returncode == 0, out2[-3000:]
+    assert "waiting for the sweep's previous controller to end" in out2
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+    rows = saw(tmp_path)
+    assert [r["status"] for r in rows] == ["COMPLETED"] * 4
+
+
+def test_relative_sweep_dir_and_chdir(tmp_path: Path) -> None:
+    """hydra.job.chdir=true with the default, relative sweep dir: the points still find
+    their sweep (from the job's own dir) and resume hands their values back."""
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        proc = start_app(
+            tmp_path,
+            "hydra/sweeper=record",
+            "hydra.sweep.dir=multi",
+            "hydra.job.chdir=true",
+            "x=1,2",
+            *extra,
+            script="sweep_app.py",
+            multirun=True,
+            env=sweep_env(),
+        )
+        out, _ = proc.communicate(timeout=240)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+    assert run().returncode == 0
+    assert point(tmp_path, 0)["state"] == "completed"
+    again = run("hydra.callbacks.torchrun.resume=true")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+    assert [r["value"] for r in saw(tmp_path)[2:]] == ["Fraction(1, 3)", "Fraction(2, 3)"]

@@ -139,14 +139,30 @@ class TorchrunCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra_torchrun_callback._sweep.control import begin_sweep, wrap
+        from hydra_torchrun_callback._wire.protocol import SWEEP_ROLE_ENV
 
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        opts = options_here(self._options)
         try:
             # Checks a resume, or detaches (SystemExit(0)): before anything is submitted.
-            start = begin_sweep(config, options_here(self._options))
+            start = begin_sweep(config, opts)
         except TorchrunSetupError as exc:
             # Hydra turns an Exception from this hook into a warning and sweeps on.
             raise SystemExit(f"hydra/callbacks=torchrun: {exc}") from exc
+        except Exception as exc:
+            if opts.detach or opts.resume or os.environ.get(SWEEP_ROLE_ENV):
+                # Never a silent foreground sweep, nor a resume that runs everything again.
+                raise SystemExit(
+                    f"hydra/callbacks=torchrun: the sweep could not be set up "
+                    f"({type(exc).__name__}: {exc}); nothing was submitted."
+                ) from exc
+            log.warning(
+                "the sweep runs without its records in the sweep dir (%s: %s): a dead point "
+                "may end it, and resume=true will not find it",
+                type(exc).__name__,
+                exc,
+            )
+            start = None
         # Each node's job writes only its own files in the shared output dir.
         prepare_multirun(config)
         if start is not None:
@@ -203,8 +219,8 @@ class TorchrunCallback(Callback):
         except Exception as exc:
             raise _abort("preparing the job", exc) from exc
         outcome = Outcome()
-        self._job_started(config)
         try:
+            self._job_started(config)
             outcome.value = self._run_job(config, task_function)
         except (TorchrunJobError, TorchrunOptionError, TorchrunSetupError) as exc:
             outcome.error = exc
@@ -228,14 +244,16 @@ class TorchrunCallback(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self._restore()
-        if self._point is not None:
-            from hydra_torchrun_callback._sweep.points import finish_point
+        try:
+            if self._point is not None:
+                from hydra_torchrun_callback._sweep.points import finish_point
 
-            finish_point(self._point, job_return)
+                finish_point(self._point, job_return)
+        finally:
             self._point = None
-        if self._run_id is not None:
-            os.environ.pop(RUN_ID_ENV, None)
-            self._run_id = None
+            if self._run_id is not None:
+                os.environ.pop(RUN_ID_ENV, None)
+                self._run_id = None
 
     def _job_started(self, config: DictConfig) -> None:
         """This job's run identity for the task, and (node 0 of a sweep's point) its

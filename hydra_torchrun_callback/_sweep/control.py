@@ -35,7 +35,6 @@ from hydra_torchrun_callback._sweep.launcher import KINDS, launcher_kind, wrap_l
 from hydra_torchrun_callback._wire import sweep_files
 from hydra_torchrun_callback._wire.protocol import (
     CONTROLLER_JOB_ENV,
-    CONTROLLER_LOG,
     SWEEP_ROLE_ENV,
 )
 
@@ -126,11 +125,10 @@ def _previous_alive(controller: Mapping[str, Any]) -> Optional[str]:
     """A description of the sweep's previous controller if it may still run, else None."""
     own_job = os.environ.get(CONTROLLER_JOB_ENV)
     job = controller.get("slurm_job")
-    if job:
+    if job:  # SLURM ends every process of a job it no longer lists as live
         if own_job and str(job) == own_job:
             return None  # this controller's own job, requeued: that earlier run is over
-        states = scheduler.job_states([str(job)])
-        state = states.get(str(job))
+        state = scheduler.job_states([str(job)]).get(str(job))
         return f"SLURM job {job} ({state})" if state in scheduler.LIVE_STATES else None
     pid = controller.get("pid")
     if not isinstance(pid, int) or pid == os.getpid():
@@ -141,30 +139,46 @@ def _previous_alive(controller: Mapping[str, Any]) -> Optional[str]:
             return None
         return f"pid {pid} on {controller.get('host')}"
     beat = float(controller.get("beat") or 0)
-    if controller.get("state") == "running" and time.time() - beat < 3 * BEAT_S:
+    if time.time() - beat < 3 * BEAT_S:  # another host: its heartbeat says
         return f"pid {pid} on {controller.get('host')} (seen {time.time() - beat:.0f} s ago)"
     return None
 
 
-def _wait_for_previous(sweep_dir: Path) -> None:
-    """A resume waits for a controller that is shutting down; refuses one that runs on."""
-    controller = sweep_files.read_controller(sweep_dir)
-    if not controller:
-        return
+def _local_points_alive(sweep_dir: Path, sweep_id: str) -> list[str]:
+    """The local point jobs (submitit_local) of the sweep still running on this host."""
+    alive = []
+    for num, entry in sweep_files.read_ledger(sweep_dir, sweep_id).items():
+        last = (entry.get("jobs") or [{}])[-1]
+        pid = last.get("pid")
+        if last.get("executor") != "local" or not isinstance(pid, int):
+            continue
+        if last.get("host") == socket.gethostname() and _proc_start(pid) == last.get("pid_start"):
+            alive.append(f"point #{num} (pid {pid})")
+    return alive
+
+
+def _wait_for_previous(sweep_dir: Path, sweep_id: str, why: str) -> None:
+    """Wait for a previous controller (and its local point jobs) that is shutting down;
+    refuse one that runs on: two controllers would run points twice."""
     deadline = time.monotonic() + PREVIOUS_WAIT_S
     said = False
     while True:
+        controller = sweep_files.read_controller(sweep_dir) or {}
         alive = _previous_alive(controller)
+        if alive is None:
+            points = _local_points_alive(sweep_dir, sweep_id)
+            alive = f"its local point jobs {', '.join(points)}" if points else None
         if alive is None:
             return
         if time.monotonic() > deadline:
             raise TorchrunSetupError(
-                f"{OPTION}.resume=true: the sweep's controller ({alive}) still runs. Fix: "
-                f"follow it (hydra-torchrun-summary {sweep_dir}), or stop it first "
-                f"(hydra-torchrun-cancel {sweep_dir} --controller-only) and resume again."
+                f"{why}: the sweep in {sweep_dir} still runs ({alive}). Fix: follow it "
+                f"(hydra-torchrun-summary {sweep_dir}), or stop it first (hydra-torchrun-cancel "
+                f"{sweep_dir} --controller-only) and resume it; or give a new sweep another "
+                "hydra.sweep.dir."
             )
         if not said:
-            log.info("resume: waiting for the sweep's previous controller (%s) to end", alive)
+            log.info("waiting for the sweep's previous controller to end (%s)", alive)
             said = True
         time.sleep(1.0)
 
@@ -197,8 +211,20 @@ def begin_sweep(config: DictConfig, options: Any) -> Optional[SweepStart]:
             "hydra.sweep.dir the sweep ran in (hydra-torchrun-summary lists it), or drop "
             "resume=true to start a new sweep."
         )
+    if existing is not None and existing.get("id"):
+        # Two controllers of one sweep dir would run points twice (a resume, or a new
+        # sweep over a live one).
+        why = f"{OPTION}.resume=true" if resume else "a new sweep"
+        _wait_for_previous(sweep_dir, str(existing["id"]), why)
     if resume and existing is not None:
-        _wait_for_previous(sweep_dir)
+        was = existing.get("launcher")
+        if was == "slurm" and kind != "slurm":
+            raise TorchrunSetupError(
+                f"{OPTION}.resume=true: the sweep in {sweep_dir} ran its points as SLURM jobs "
+                f"(submitit_slurm); this command's launcher is {target}, which cannot wait "
+                "for those still queued or running. Fix: resume with "
+                "hydra/launcher=submitit_slurm."
+            )
     info = (
         dict(existing)
         if resume and existing is not None
@@ -211,13 +237,13 @@ def begin_sweep(config: DictConfig, options: Any) -> Optional[SweepStart]:
     )
     info["command"] = controller_command(sweep_dir)
     info["cwd"] = os.getcwd()
+    info["launcher"] = kind
     sweep_files.write_sweep(sweep_dir, info)
     if options.detach and not controller:
         from hydra_torchrun_callback._sweep.controller import detach
 
         detach(config, options, kind, sweep_dir, info)
-    if controller:
-        _become_controller(sweep_dir, kind)
+    _become_controller(sweep_dir, kind, detached=controller)
     return SweepStart(sweep_dir, str(info["id"]), resume and existing is not None)
 
 
@@ -255,27 +281,31 @@ class _ControllerRecord:
 _current: Optional[_ControllerRecord] = None
 
 
-def _become_controller(sweep_dir: Path, kind: str) -> None:
-    """Say where this controller runs, keep saying it is alive, say how it ended."""
+def _become_controller(sweep_dir: Path, kind: str, detached: bool) -> None:
+    """Say where this controller runs (the user's own command too: a resume or a new sweep
+    must not start a second one), keep saying it is alive, say how it ended."""
     global _current
     import atexit
 
-    with contextlib.suppress(ValueError):  # SLURM's time-limit warning: requeue, not death
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     before = sweep_files.read_controller(sweep_dir) or {}
-    slurm_job = os.environ.pop(CONTROLLER_JOB_ENV, None)
-    os.environ.pop(SWEEP_ROLE_ENV, None)  # the point jobs it starts are not controllers
+    fresh = before if before.get("state") in ("submitted", "starting") else {}
+    slurm_job = os.environ.pop(CONTROLLER_JOB_ENV, None) if detached else None
+    if detached:
+        os.environ.pop(SWEEP_ROLE_ENV, None)  # the point jobs it starts are not controllers
+        with contextlib.suppress(ValueError):  # SLURM's time-limit warning: requeue, not death
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    if _current is not None:
+        _current.end("finished")
     _current = _ControllerRecord(
         sweep_dir,
         {
-            **before,
-            "kind": "slurm" if slurm_job else "local",
+            "kind": ("slurm" if slurm_job else "local") if detached else "foreground",
             "launcher": kind,
             "pid": os.getpid(),
             "pid_start": _proc_start(os.getpid()),
             "host": socket.gethostname(),
-            "slurm_job": slurm_job or before.get("slurm_job"),
-            "log": before.get("log") or str(sweep_files.state_dir(sweep_dir) / CONTROLLER_LOG),
+            "slurm_job": slurm_job,
+            "log": fresh.get("log") if detached else None,
             "started": time.time(),
         },
     )

@@ -98,6 +98,7 @@ def _slurm_parameters(launcher: Mapping[str, Any], asked: Mapping[str, Any]) -> 
         "cpus_per_task": 1,
         "timeout_min": launcher.get("timeout_min") or 60,
         "name": f"{launcher.get('name') or 'hydra'}-sweep",
+        "stderr_to_stdout": True,  # one log: the one the user is told to follow
         "setup": list(launcher.get("setup") or []),
         **{k: launcher[k] for k in _KEPT if launcher.get(k) is not None},
         **dict(asked),

@@ -20,11 +20,14 @@ SLURM job is still queued or running is waited for; others run again in their ow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
+import signal
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -248,10 +251,14 @@ class SweepRun:
                     Singleton.get_state(),
                 )
             )
-        jobs: list[Any] = executor.map_array(self.inner, *zip(*params, strict=True))
         folder = str(self.inner.params["submitit_folder"])  # type: ignore[attr-defined]
-        for step, job in zip(steps, jobs, strict=True):
-            self._ledger(step, {"executor": self.kind, "job_id": job.job_id, "folder": folder})
+        with _deferred_stop():  # a SIGTERM now (scancel, requeue) waits for the ledger
+            jobs: list[Any] = executor.map_array(self.inner, *zip(*params, strict=True))
+            for step, job in zip(steps, jobs, strict=True):
+                where = {"executor": self.kind, "job_id": job.job_id, "folder": folder}
+                if self.kind == "local":  # its pid, to wait for it on resume (this host)
+                    where.update(_local_process(str(job.job_id)))
+                self._ledger(step, where)
         return [_Started(step, job, True) for step, job in zip(steps, jobs, strict=True)]
 
     def _attach(self, steps: list[Step]) -> list[_Started]:
@@ -283,6 +290,24 @@ class SweepRun:
         restored = self._restored(item.step)
         if restored is not None:
             return restored
+        return self._ended_without_value(item)
+
+    def _ended_without_value(self, item: _Started) -> Any:
+        """An attached job that ended: its own record says how, else it was lost."""
+        from hydra.core.utils import JobStatus
+
+        from hydra_torchrun_callback._result import TorchrunJobError
+
+        step = item.step
+        record = sweep_files.read_point(self._job_dir(step.num, step.overrides)) or {}
+        last = (
+            (record.get("attempts") or [{}])[-1] if record.get("sweep_id") == self.sweep_id else {}
+        )
+        if last.get("slurm_job") == str(item.job.job_id) and last.get("state") == "failed":
+            error = TorchrunJobError(str(last.get("cause") or "the point failed"))
+            return self._return(step, JobStatus.FAILED, error)
+        if last.get("slurm_job") == str(item.job.job_id) and last.get("state") == "completed":
+            return self._lost(item, None, "it completed, but its value could not be saved")
         return self._lost(item, None)
 
     # -- JobReturns the sweeper gets without a job ------------------------------------------
@@ -325,7 +350,7 @@ class SweepRun:
             return None
         return self._return(step, JobStatus.COMPLETED, value)
 
-    def _lost(self, item: _Started, exc: Optional[BaseException]) -> Any:
+    def _lost(self, item: _Started, exc: Optional[BaseException], why: str = "") -> Any:
         from hydra.core.utils import JobStatus
 
         step, job = item.step, item.job
@@ -338,11 +363,18 @@ class SweepRun:
         if not code and process is not None and process.poll() is not None:
             code = str(process.returncode)
         record = sweep_files.read_point(self._job_dir(step.num, step.overrides)) or {}
-        attempts = record.get("attempts") or [{}]
-        recorded = attempts[-1].get("cause") if record.get("sweep_id") == self.sweep_id else None
+        last = (
+            (record.get("attempts") or [{}])[-1] if record.get("sweep_id") == self.sweep_id else {}
+        )
+        # The cause this very job recorded (not an earlier attempt's).
+        recorded = last.get("cause") if last.get("slurm_job") in (job_id, None) else None
         log_path = getattr(getattr(job, "paths", None), "stderr", None)
         tail = _tail(Path(str(log_path))) if log_path else ""
-        why = recorded or (str(exc).strip().splitlines()[0] if exc is not None and str(exc) else "")
+        why = (
+            why
+            or recorded
+            or (str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "")
+        )
         message = (
             f"sweep point #{step.num} ({' '.join(step.overrides)}) ended without a result: "
             f"{self.kind} job {job_id} is {state}"
@@ -357,6 +389,33 @@ class SweepRun:
         if exc is not None:
             error.__cause__ = exc
         return self._return(step, JobStatus.FAILED, error)
+
+
+@contextlib.contextmanager
+def _deferred_stop() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP wait until the block is done (main thread only): the
+    jobs just submitted are in the ledger before the controller stops, so a resume
+    re-attaches to them instead of submitting them again. (SIGKILL cannot wait.)"""
+    stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _local_process(job_id: str) -> dict[str, Any]:
+    """A submitit_local job's process (its id is its pid) and its start time."""
+    if not job_id.isdigit():
+        return {}
+    try:
+        start = Path(f"/proc/{job_id}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return {}
+    return {"pid": int(job_id), "pid_start": start, "host": socket.gethostname()}
 
 
 def _consecutive(steps: list[Step]) -> list[list[Step]]:

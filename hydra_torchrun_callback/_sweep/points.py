@@ -33,8 +33,12 @@ def _multirun(config: DictConfig) -> bool:
 
 
 def _sweep_dir(config: DictConfig) -> Optional[str]:
+    """The sweep dir, absolute (with ``hydra.job.chdir`` the job runs in its own dir)."""
     value = OmegaConf.select(config, "hydra.sweep.dir", default=None)
-    return str(value) if value else None
+    if not value:
+        return None
+    cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
+    return os.path.join(str(cwd), str(value))
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,14 @@ def sweep_status(root: Path) -> dict[str, Any]:
     lasts = {num: e["jobs"][-1] for num, e in ledger.items() if e.get("jobs")}
     slurm = [str(j.get("job_id")) for j in lasts.values() if j.get("executor") == "slurm"]
     controller_job = (sweep_files.read_controller(root) or {}).get("slurm_job")
+    unknown = ""
     try:
         states = scheduler.job_states([*slurm, *([str(controller_job)] if controller_job else [])])
-    except Exception:
-        states = {}
+    except Exception as exc:  # no squeue here: say so rather than call every job lost
+        states, unknown = {}, str(exc).split(". Fix")[0]
     controller = _controller(root, states)
+    if unknown and controller_job:
+        controller["alive"] = None
     points = []
     for num in sorted(set(ledger) | set(records)):
         entry = ledger.get(num, {})
@@ -126,6 +129,9 @@ def sweep_status(root: Path) -> dict[str, Any]:
             point["value"] = _value(job_dir, sweep_id, record)
         elif state == "failed":
             point["cause"] = str(record["attempts"][-1].get("cause") or "").split("\n")[0]
+        elif last.get("executor") == "slurm" and unknown:
+            state = "unknown"
+            point["cause"] = unknown
         elif last.get("executor") == "slurm":
             if slurm_state == "PENDING":
                 state = "pending"
@@ -149,6 +155,7 @@ def sweep_status(root: Path) -> dict[str, Any]:
         "controller": controller,
         "points": points,
         "resume": _resume(info),
+        "scheduler_error": unknown or None,
         "cancel": f"hydra-torchrun-cancel {root}",
     }
 
@@ -167,8 +174,9 @@ def render_sweep(status: Mapping[str, Any]) -> str:
         f"SLURM job {c['slurm_job']} ({c.get('slurm_state') or 'not in squeue'})"
         if c.get("slurm_job")
         else f"pid {c.get('pid')} on {c.get('host')}"
+        + (" (the sweep's own command)" if c.get("kind") == "foreground" else "")
     )
-    alive = "not running"
+    alive = "not running" if c.get("alive") is not None else "unknown (squeue failed)"
     if c.get("alive"):
         alive = "alive" if c.get("state") in ("running", "submitted", None) else "shutting down"
     seen = f", last seen {c['seen_s_ago']:.0f} s ago" if "seen_s_ago" in c else ""
@@ -212,16 +220,29 @@ def cancel_sweep(root: Path, controller_only: bool = False) -> list[str]:
     info = sweep_files.read_sweep(root) or {}
     record = sweep_files.read_controller(root) or {}
     job = record.get("slurm_job")
+    stopped = False
     if job:
         err = scheduler.scancel([str(job)])
         done.append(f"controller SLURM job {job}: scancel" + (f" ({err})" if err else ""))
+        stopped = not err
+        deadline = time.monotonic() + 60  # its last submissions reach the ledger first
+        while stopped and scheduler.live_jobs([str(job)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
     elif _local_alive(record):
+        pid = int(record["pid"])
         with contextlib.suppress(OSError):
-            os.kill(int(record["pid"]), signal.SIGTERM)
-        done.append(f"controller pid {record['pid']}: SIGTERM (its local point jobs stop too)")
-    elif record.get("pid"):
-        done.append(f"controller pid {record.get('pid')} on {record.get('host')}: not running here")
-    if record:
+            if os.getpgid(pid) == pid:  # a detached controller leads its own group
+                os.killpg(pid, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        done.append(f"controller pid {pid}: SIGTERM (its local point jobs stop with it)")
+        stopped = True
+    elif record.get("pid") and record.get("host") != socket.gethostname():
+        done.append(
+            f"controller pid {record['pid']} runs on {record.get('host')}, not here: run "
+            f"this there, or: ssh {record.get('host')} kill {record['pid']}"
+        )
+    if stopped:
         sweep_files.write_controller(root, {**record, "state": "cancelled", "beat": time.time()})
     if controller_only:
         return done

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra_torchrun_callback._files import write_text_atomic
+from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._wire.protocol import (
     CONTROLLER_FILE,
     LEDGER_DIR,
@@ -195,9 +196,19 @@ def open_value(
 ) -> Optional[bytes]:
     """The pickled value if the point's value file is there and was signed for ``key`` with
     this user's key; None otherwise (never unpickle what this returns None for)."""
+    from hydra_torchrun_callback._wire.store import SecretError, secret_path
+
+    env = os.environ if env is None else env
     try:
         blob = (Path(job_dir) / POINT_VALUE_FILE).read_bytes()
     except OSError:
         return None
-    payload: Optional[bytes] = _signer(os.environ if env is None else env).open(key, blob)
+    if not secret_path(env).exists():  # never create a key just to find nothing verifies
+        return None
+    try:
+        signer = _signer(env)
+    except SecretError as exc:
+        log.warning("a point's value cannot be verified: %s", exc)
+        return None
+    payload: Optional[bytes] = signer.open(key, blob)
     return payload
