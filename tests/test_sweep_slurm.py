@@ -259,3 +259,55 @@ def test_controller_that_cannot_be_placed_is_refused(tmp_path: Path, cluster: Sl
     assert "nosuch" in out and "Nothing else was submitted" in out
     assert not (tmp_path / "multi" / ".torchrun_sweep" / "points").exists()  # no point job
     assert not runs(tmp_path)
+
+
+def test_preempted_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSandbox) -> None:
+    """SLURM's preemption / time-limit warning (SIGUSR2) to the controller job: submitit
+    requeues it (the controller is checkpointable) and it resumes its sweep."""
+    env = env_of(cluster)
+    _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
+    point_jobs_running(tmp_path, cluster, 2)
+    first = controller(tmp_path)
+    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True, timeout=30)
+    wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+    wait_for(
+        lambda: (
+            controller(tmp_path).get("started", 0) > first["started"]
+            and controller(tmp_path).get("state") == "running"
+        ),
+        180,
+        "the controller to start again",
+    )
+    (tmp_path / "release").touch()
+    wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
+    assert [r["status"] for r in saw(tmp_path)] == ["COMPLETED", "COMPLETED"]
+    assert all(len(ids) == 1 for ids in ledger_jobs(tmp_path).values())
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
+
+
+def test_cancel_stops_the_controller_and_its_jobs(tmp_path: Path, cluster: SlurmSandbox) -> None:
+    _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
+    points = point_jobs_running(tmp_path, cluster, 2)
+    cancel = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from hydra_torchrun_callback.summary import cancel_main; "
+            "raise SystemExit(cancel_main())",
+            str(tmp_path / "multi"),
+        ],
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cancel.returncode == 0, cancel
+    assert f"controller SLURM job {job}: scancel" in cancel.stdout
+    assert "point jobs" in cancel.stdout
+    wait_for(
+        lambda: all(squeue(cluster, j) in ("", "CANCELLED") for j in [job, *points]),
+        60,
+        "the controller and its jobs to end",
+    )
+    assert controller(tmp_path)["state"] == "cancelled"

@@ -9,12 +9,15 @@ versions (a controller that is a SLURM job) are in test_sweep_slurm.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,19 @@ from conftest import REPO, app_env, start_app
 
 PLUGIN = REPO / "tests" / "sweeper_plugin"
 LOCAL = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+
+
+@pytest.fixture(autouse=True)
+def _no_detached_controller_left(tmp_path: Path) -> Iterator[None]:
+    """A test that failed midway must not leave its detached controller waiting for ever."""
+    yield
+    record = tmp_path / "multi" / ".torchrun_sweep" / "controller.json"
+    if record.exists():
+        pid = json.loads(record.read_text()).get("pid")
+        if isinstance(pid, int) and pid != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == pid:  # a detached controller (its own session)
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def sweep_env() -> dict[str, str]:
@@ -143,6 +159,19 @@ def test_killed_point_fails_alone_then_resume_runs_it_again(tmp_path: Path) -> N
     assert [a["state"] for a in attempts] == ["running", "completed"]
     ids = {json.loads(p.read_text())["run_id"] for p in dead_dir.glob("rank0.*.json")}
     assert len(ids) == 1 and len(list(dead_dir.glob("rank0.*.json"))) == 2  # one run id
+
+
+def test_killed_point_fails_alone_on_the_basic_launcher(tmp_path: Path) -> None:
+    """Hydra's basic launcher runs points in the sweep's own process: a point whose worker
+    is SIGKILLed fails, and the next points run."""
+    (tmp_path / "die_once").touch()
+    out = sweep(tmp_path, "x=1,2,3", "die=worker")
+    assert out.returncode == 0, out.stdout[-3000:]
+    rows = by_x(saw(tmp_path))
+    assert sorted(r["status"] for r in rows.values()) == ["COMPLETED", "COMPLETED", "FAILED"]
+    failed = next(r for r in rows.values() if r["status"] == "FAILED")
+    assert failed["error_type"] in ("TorchrunJobError", "TorchrunSetupError"), failed
+    assert runs(tmp_path) == Counter({"1": 1, "2": 1, "3": 1})
 
 
 def test_failed_point_resumed_on_the_basic_launcher(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Every rank writes ``rank<r>.<pid>.json`` (pid, run id, SLURM variables) in its o
 rank 0 appends ``x pid`` to ``<original cwd>/runs.log`` (how often each point ran). A point
 raises if ``<original cwd>/fail_<x>`` exists; the first point to claim
 ``<original cwd>/die_once`` SIGKILLs its whole job (its Hydra process, then itself: an
-OOM kill, a lost node); it waits for ``<original cwd>/release`` with
+OOM kill, a lost node; ``die=worker``: itself only); it waits for ``<original cwd>/release`` with
 ``wait_release=true``. With ``wandb=true`` rank 0 logs to W&B (offline) under the
 job's run identity. It returns a ``Fraction`` (a type a restored value must keep) or a
 float (for Optuna).
@@ -52,9 +52,9 @@ def main(cfg: DictConfig) -> object:
         run.log({"x": cfg.x})
         run.finish()
     if rank == 0 and _claim(os.path.join(home, "die_once"), os.path.join(out, "died")):
-        with open(os.path.join(out, "torchrun_point.json")) as f:
-            job_pid = json.load(f)["attempts"][-1]["pid"]  # the point's Hydra process
-        os.kill(job_pid, signal.SIGKILL)
+        if cfg.die == "job":  # the point's whole job: its Hydra process, then this worker
+            with open(os.path.join(out, "torchrun_point.json")) as f:
+                os.kill(json.load(f)["attempts"][-1]["pid"], signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if os.path.exists(os.path.join(home, f"fail_{cfg.x}")):
         raise RuntimeError(f"point x={cfg.x} was told to fail")
