@@ -9,7 +9,11 @@ machinery (options at ``hydra.launcher.*``).
 from hydra_torchrun_callback._callback.hooks import TorchrunAbort, TorchrunCallback
 from hydra_torchrun_callback._config import TorchrunConf, TorchrunLauncherConf
 from hydra_torchrun_callback._options import TorchrunOptionError
-from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
+from hydra_torchrun_callback._result import (
+    TorchrunJobError,
+    TorchrunPointLost,
+    TorchrunSetupError,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +24,7 @@ __all__ = [
     "TorchrunJobError",
     "TorchrunLauncherConf",
     "TorchrunOptionError",
+    "TorchrunPointLost",
     "TorchrunSetupError",
     "__version__",
 ]

@@ -252,3 +252,25 @@ def test_run_identity_is_stable_per_point_and_per_slurm_job(tmp_path: Path) -> N
     assert run_identity(single, job) == run_identity(requeued, job)
     assert run_identity(single, {}) != run_identity(requeued, {})
     assert os.path.isabs(str(tmp_path))
+
+
+def test_a_lost_points_error_travels_whole() -> None:
+    """What a sweeper gets for a dead point: a TorchrunJobError with the scheduler's facts,
+    intact across pickling (submitit and Hydra pickle JobReturns)."""
+    from hydra_torchrun_callback import TorchrunJobError, TorchrunPointLost
+
+    error = TorchrunPointLost(
+        "sweep point #1 (x=2) ended without a result",
+        job_id="7_1",
+        state="FAILED",
+        exit_code="0:9",
+        log_tail="Killed",
+    )
+    back = pickle.loads(pickle.dumps(error))
+    assert isinstance(back, TorchrunJobError) and str(back) == str(error)
+    assert (back.job_id, back.state, back.exit_code, back.log_tail) == (
+        "7_1",
+        "FAILED",
+        "0:9",
+        "Killed",
+    )
