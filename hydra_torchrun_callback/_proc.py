@@ -25,6 +25,7 @@ __all__ = [
     "restore_signals",
     "set_agent_host",
     "shield_signals",
+    "start_time",
     "stop_self",
     "worker_root",
 ]
@@ -79,6 +80,15 @@ def stop_self(signum: int = signal.SIGTERM) -> None:
 def _state_and_parent(stat: Path) -> tuple[str, int]:
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return fields[0], int(fields[1])
+
+
+def start_time(pid: int) -> Optional[str]:
+    """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22): with the
+    pid, it names one process (a recorded pid may be reused later). None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def descendants(pid: int) -> list[int]:

@@ -96,6 +96,20 @@ def app_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def slurm_sandbox_or_skip(factory: pytest.TempPathFactory, nodes: int) -> Any:
+    """A SLURM sandbox (not started yet) in a fresh temp dir; the test skips where it cannot
+    run (not root, packages missing), and fails there under HTR_REQUIRE_SLURM=1 (CI)."""
+    from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
+
+    missing = SlurmSandbox.missing_tools()
+    if os.geteuid() != 0 or missing:
+        why = f"not root; missing: {', '.join(missing) or 'nothing'}"
+        if os.environ.get("HTR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HTR_REQUIRE_SLURM=1 but the SLURM sandbox cannot run ({why})")
+        pytest.skip(f"needs root and Debian's {PACKAGES} ({why})")
+    return SlurmSandbox(factory.mktemp(f"slurm{nodes}"), nodes=nodes)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (a master_port or a store's port picked by hand)."""
     with socket.socket() as s:

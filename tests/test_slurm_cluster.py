@@ -8,7 +8,6 @@ packages and sets HTR_REQUIRE_SLURM=1, so in CI a missing cluster is a failure, 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -19,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
+from hydra_torchrun_callback.slurm_sandbox import SlurmSandbox
 
 import multinode_scenarios as sc
-from conftest import app_env, left_behind, run_app
+from conftest import app_env, left_behind, run_app, slurm_sandbox_or_skip
 
 SLURM = [
     "hydra/launcher=submitit_slurm",
@@ -36,13 +35,7 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSandbox]:
-    missing = SlurmSandbox.missing_tools()
-    if os.geteuid() != 0 or missing:
-        why = f"not root; missing: {', '.join(missing) or 'nothing'}"
-        if os.environ.get("HTR_REQUIRE_SLURM") == "1":
-            pytest.fail(f"HTR_REQUIRE_SLURM=1 but the SLURM sandbox cannot run ({why})")
-        pytest.skip(f"needs root and Debian's {PACKAGES} ({why})")
-    sandbox = SlurmSandbox(tmp_path_factory.mktemp("slurm"), nodes=2)
+    sandbox: SlurmSandbox = slurm_sandbox_or_skip(tmp_path_factory, nodes=2)
     start = time.monotonic()
     sandbox.start()
     TIMINGS["cluster start"] = time.monotonic() - start

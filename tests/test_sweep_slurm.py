@@ -1,14 +1,14 @@
 """Sweeps that outlive interruptions on a real SLURM cluster (3 nodes) that these tests
 start and stop: the detached controller is a SLURM job of its own that submits the point
 jobs from inside its allocation; cancelled mid-sweep and resumed, it re-attaches to the
-running point jobs (none submitted twice); requeued (``scontrol requeue``), it resumes by
-itself. ``.ci/run`` sets HTR_REQUIRE_SLURM=1: a missing cluster fails there.
+running point jobs (none submitted twice); requeued (``scontrol requeue``) or preempted
+(SIGUSR2), it resumes by itself. ``.ci/run`` sets HTR_REQUIRE_SLURM=1: a missing cluster
+fails there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sweeps import PLUGIN, by_x, runs, saw, sweep_env, wait_for
+from test_sweeps import PLUGIN, by_x, cancel, runs, saw, start_sweep, sweep_env, wait_for
 
-from hydra_torchrun_callback.slurm_sandbox import PACKAGES, SlurmSandbox
+from hydra_torchrun_callback.slurm_sandbox import SlurmSandbox
 
-from conftest import REPO, start_app
+from conftest import REPO, slurm_sandbox_or_skip
 
 SLURM = [
     "hydra/launcher=submitit_slurm",
@@ -35,13 +35,7 @@ SLURM = [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSandbox]:
-    missing = SlurmSandbox.missing_tools()
-    if os.geteuid() != 0 or missing:
-        why = f"not root; missing: {', '.join(missing) or 'nothing'}"
-        if os.environ.get("HTR_REQUIRE_SLURM") == "1":
-            pytest.fail(f"HTR_REQUIRE_SLURM=1 but the SLURM sandbox cannot run ({why})")
-        pytest.skip(f"needs root and Debian's {PACKAGES} ({why})")
-    with SlurmSandbox(tmp_path_factory.mktemp("slurm3"), nodes=3).running() as sandbox:
+    with slurm_sandbox_or_skip(tmp_path_factory, nodes=3).running() as sandbox:
         yield sandbox
 
 
@@ -55,16 +49,8 @@ def env_of(cluster: SlurmSandbox) -> dict[str, str]:
 def detached(tmp_path: Path, cluster: SlurmSandbox, *overrides: str) -> tuple[str, str]:
     """Start a detached sweep; (the command's output, the controller's SLURM job id)."""
     start = time.monotonic()
-    proc = start_app(
-        tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-        *SLURM,
-        "hydra.callbacks.torchrun.detach=true",
-        *overrides,
-        script="sweep_app.py",
-        multirun=True,
-        env=env_of(cluster),
+    proc = start_sweep(
+        tmp_path, *SLURM, "hydra.callbacks.torchrun.detach=true", *overrides, env=env_of(cluster)
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
@@ -134,21 +120,8 @@ def test_controller_cancelled_then_resume_reattaches(tmp_path: Path, cluster: Sl
     _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
     points = point_jobs_running(tmp_path, cluster, 2)
     submitted = ledger_jobs(tmp_path)
-    cancel = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from hydra_torchrun_callback.summary import cancel_main; "
-            "raise SystemExit(cancel_main())",
-            str(tmp_path / "multi"),
-            "--controller-only",
-        ],
-        env=env_of(cluster),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cancel.returncode == 0 and f"controller SLURM job {job}" in cancel.stdout, cancel
+    stopped = cancel(tmp_path, "--controller-only", env=env_of(cluster))
+    assert stopped.returncode == 0 and f"controller SLURM job {job}" in stopped.stdout, stopped
     wait_for(lambda: squeue(cluster, job) in ("", "CANCELLED"), 60, "the controller's end")
     assert [squeue(cluster, j) for j in points] == ["RUNNING", "RUNNING"]  # they run on
 
@@ -161,16 +134,12 @@ def test_controller_cancelled_then_resume_reattaches(tmp_path: Path, cluster: Sl
     )
     assert "controller: not running" in status.stdout and "2 running" in status.stdout, status
 
-    resume = start_app(
+    resume = start_sweep(
         tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
         *SLURM,
         "x=1,2",
         "wait_release=true",
         "hydra.callbacks.torchrun.resume=true",
-        script="sweep_app.py",
-        multirun=True,
         env=env_of(cluster),
     )
     time.sleep(5)
@@ -187,12 +156,23 @@ def test_controller_cancelled_then_resume_reattaches(tmp_path: Path, cluster: Sl
     assert runs(tmp_path) == Counter({"1": 1, "2": 1})
 
 
-def test_requeued_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSandbox) -> None:
+@pytest.mark.parametrize(
+    "interrupt",
+    [
+        pytest.param(["scontrol", "requeue"], id="scontrol-requeue"),
+        # SLURM's preemption / time-limit warning: submitit requeues the (checkpointable)
+        # controller job.
+        pytest.param(["scancel", "--signal=USR2"], id="preempted-USR2"),
+    ],
+)
+def test_interrupted_controller_resumes_by_itself(
+    tmp_path: Path, cluster: SlurmSandbox, interrupt: list[str]
+) -> None:
     env = env_of(cluster)
     _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
     point_jobs_running(tmp_path, cluster, 2)
     first = controller(tmp_path)
-    subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=30)
+    subprocess.run([*interrupt, job], env=env, check=True, timeout=30)
     # A requeued job waits (BeginTime) before it may run again: release it at once.
     wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
@@ -207,6 +187,7 @@ def test_requeued_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSan
     (tmp_path / "release").touch()
     wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
     rows = by_x(saw(tmp_path))
+    assert [r["status"] for r in rows.values()] == ["COMPLETED", "COMPLETED"]
     assert {x: r["value"] for x, r in rows.items()} == {
         "x=1": "Fraction(1, 3)",
         "x=2": "Fraction(2, 3)",
@@ -219,16 +200,7 @@ def test_dead_point_fails_alone_on_slurm(tmp_path: Path, cluster: SlurmSandbox) 
     """A point's 2-node job loses its node-0 task (SIGKILLed: an OOM kill, a lost node): that
     point is FAILED with SLURM's state and exit code; the other point's value arrives."""
     (tmp_path / "die_once").touch()
-    proc = start_app(
-        tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-        *SLURM,
-        "x=1,2",
-        script="sweep_app.py",
-        multirun=True,
-        env=env_of(cluster),
-    )
+    proc = start_sweep(tmp_path, *SLURM, "x=1,2", env=env_of(cluster))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     rows = by_x(saw(tmp_path))
@@ -241,16 +213,12 @@ def test_dead_point_fails_alone_on_slurm(tmp_path: Path, cluster: SlurmSandbox) 
 
 
 def test_controller_that_cannot_be_placed_is_refused(tmp_path: Path, cluster: SlurmSandbox) -> None:
-    proc = start_app(
+    proc = start_sweep(
         tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
         *SLURM,
         "x=1,2",
         "hydra.callbacks.torchrun.detach=true",
         "+hydra.callbacks.torchrun.controller.partition=nosuch",
-        script="sweep_app.py",
-        multirun=True,
         env=env_of(cluster),
     )
     out, _ = proc.communicate(timeout=120)
@@ -261,50 +229,13 @@ def test_controller_that_cannot_be_placed_is_refused(tmp_path: Path, cluster: Sl
     assert not runs(tmp_path)
 
 
-def test_preempted_controller_resumes_by_itself(tmp_path: Path, cluster: SlurmSandbox) -> None:
-    """SLURM's preemption / time-limit warning (SIGUSR2) to the controller job: submitit
-    requeues it (the controller is checkpointable) and it resumes its sweep."""
-    env = env_of(cluster)
-    _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
-    point_jobs_running(tmp_path, cluster, 2)
-    first = controller(tmp_path)
-    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True, timeout=30)
-    wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
-    wait_for(
-        lambda: (
-            controller(tmp_path).get("started", 0) > first["started"]
-            and controller(tmp_path).get("state") == "running"
-        ),
-        180,
-        "the controller to start again",
-    )
-    (tmp_path / "release").touch()
-    wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
-    assert [r["status"] for r in saw(tmp_path)] == ["COMPLETED", "COMPLETED"]
-    assert all(len(ids) == 1 for ids in ledger_jobs(tmp_path).values())
-    assert runs(tmp_path) == Counter({"1": 1, "2": 1})
-
-
 def test_cancel_stops_the_controller_and_its_jobs(tmp_path: Path, cluster: SlurmSandbox) -> None:
     _, job = detached(tmp_path, cluster, "x=1,2", "wait_release=true")
     points = point_jobs_running(tmp_path, cluster, 2)
-    cancel = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from hydra_torchrun_callback.summary import cancel_main; "
-            "raise SystemExit(cancel_main())",
-            str(tmp_path / "multi"),
-        ],
-        env=env_of(cluster),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cancel.returncode == 0, cancel
-    assert f"controller SLURM job {job}: scancel" in cancel.stdout
-    assert "point jobs" in cancel.stdout
+    stopped = cancel(tmp_path, env=env_of(cluster))
+    assert stopped.returncode == 0, stopped
+    assert f"controller SLURM job {job}: scancel" in stopped.stdout
+    assert "point jobs" in stopped.stdout
     wait_for(
         lambda: all(squeue(cluster, j) in ("", "CANCELLED") for j in [job, *points]),
         60,

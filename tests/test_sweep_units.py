@@ -223,7 +223,7 @@ def test_sweep_options_are_checked() -> None:
 def test_run_identity_is_stable_per_point_and_per_slurm_job(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from hydra_torchrun_callback._sweep.points import run_identity
+    from hydra_torchrun_callback._sweep.points import run_identity, sweep_id
 
     sweep_files.write_sweep(tmp_path, {"id": "abc"})
     point = OmegaConf.create(
@@ -236,11 +236,13 @@ def test_run_identity_is_stable_per_point_and_per_slurm_job(tmp_path: Path) -> N
             }
         }
     )
-    first = run_identity(point, {})
-    assert first == run_identity(point, {"SLURM_JOB_ID": "99"})  # a requeue, a resume
+    sweep = sweep_id(point)
+    assert sweep == "abc"
+    first = run_identity(point, {}, sweep)
+    assert first == run_identity(point, {"SLURM_JOB_ID": "99"}, sweep)  # a requeue, a resume
     assert len(first) == 20 and int(first, 16) >= 0
     point.hydra.job.num = 4
-    assert run_identity(point, {}) != first
+    assert run_identity(point, {}, sweep) != first
     single = OmegaConf.create(
         {"hydra": {"mode": "RunMode.RUN", "runtime": {"output_dir": str(tmp_path / "a")}}}
     )
@@ -249,8 +251,8 @@ def test_run_identity_is_stable_per_point_and_per_slurm_job(tmp_path: Path) -> N
     )
     job = {"SLURM_JOB_ID": "42"}
     # ${now:} in the run dir changes on requeue; the SLURM job id does not.
-    assert run_identity(single, job) == run_identity(requeued, job)
-    assert run_identity(single, {}) != run_identity(requeued, {})
+    assert run_identity(single, job, None) == run_identity(requeued, job, None)
+    assert run_identity(single, {}, None) != run_identity(requeued, {}, None)
     assert os.path.isabs(str(tmp_path))
 
 

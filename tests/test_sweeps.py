@@ -49,15 +49,15 @@ def sweep_env() -> dict[str, str]:
     return env
 
 
-def sweep(
+def start_sweep(
     tmp_path: Path,
     *overrides: str,
-    timeout: float = 240,
     sweeper: str = "record",
     env: dict[str, str] | None = None,
     **popen: Any,
-) -> subprocess.CompletedProcess[str]:
-    proc = start_app(
+) -> subprocess.Popen[str]:
+    """``sweep_app.py -m`` with the callback, in ``tmp_path/multi``, in the background."""
+    return start_app(
         tmp_path,
         f"hydra/sweeper={sweeper}",
         f"hydra.sweep.dir={tmp_path / 'multi'}",
@@ -67,8 +67,35 @@ def sweep(
         env=env or sweep_env(),
         **popen,
     )
+
+
+def sweep(
+    tmp_path: Path, *overrides: str, timeout: float = 240, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """:func:`start_sweep`, waited for."""
+    proc = start_sweep(tmp_path, *overrides, **kwargs)
     out, _ = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def cancel(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``hydra-torchrun-cancel <sweep dir> args`` (run from the source tree)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from hydra_torchrun_callback.summary import cancel_main; "
+            "raise SystemExit(cancel_main())",
+            str(tmp_path / "multi"),
+            *args,
+        ],
+        env=env or sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def saw(tmp_path: Path) -> list[dict[str, Any]]:
@@ -257,20 +284,8 @@ def test_cancelled_local_controller_then_resumed(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:]
     wait_for(lambda: len(runs(tmp_path)) == 1, 120, "the first point to start")
-    cancel = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from hydra_torchrun_callback.summary import cancel_main; "
-            "raise SystemExit(cancel_main())",
-            str(tmp_path / "multi"),
-        ],
-        env=sweep_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cancel.returncode == 0 and "SIGTERM" in cancel.stdout, cancel
+    stopped = cancel(tmp_path)
+    assert stopped.returncode == 0 and "SIGTERM" in stopped.stdout, stopped
     pid = json.loads((tmp_path / "multi" / ".torchrun_sweep" / "controller.json").read_text())[
         "pid"
     ]
@@ -371,27 +386,10 @@ def test_wandb_run_continues_across_a_resume(tmp_path: Path) -> None:
 def test_resume_waits_for_a_sweep_still_running(tmp_path: Path) -> None:
     """A resume started while the sweep's own (foreground) command still runs waits for it,
     then hands back what it completed: no point runs twice."""
-    first = start_app(
-        tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-        "x=1,2",
-        "wait_release=true",
-        script="sweep_app.py",
-        multirun=True,
-        env=sweep_env(),
-    )
+    first = start_sweep(tmp_path, "x=1,2", "wait_release=true")
     wait_for(lambda: len(runs(tmp_path)) == 1, 120, "the first point to start")
-    second = start_app(
-        tmp_path,
-        "hydra/sweeper=record",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-        "x=1,2",
-        "wait_release=true",
-        "hydra.callbacks.torchrun.resume=true",
-        script="sweep_app.py",
-        multirun=True,
-        env=sweep_env(),
+    second = start_sweep(
+        tmp_path, "x=1,2", "wait_release=true", "hydra.callbacks.torchrun.resume=true"
     )
     time.sleep(5)
     assert second.poll() is None  # waiting, not refused

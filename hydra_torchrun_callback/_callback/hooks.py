@@ -258,11 +258,12 @@ class TorchrunCallback(Callback):
     def _job_started(self, config: DictConfig) -> None:
         """This job's run identity for the task, and (node 0 of a sweep's point) its
         record in its output dir: what resume and the sweep's summary read."""
-        from hydra_torchrun_callback._sweep.points import point_job, run_identity
+        from hydra_torchrun_callback._sweep.points import point_job, run_identity, sweep_id
 
+        sweep = sweep_id(config)
         if RUN_ID_ENV not in os.environ:
-            self._run_id = os.environ[RUN_ID_ENV] = run_identity(config, os.environ)
-        self._point = point_job(config, os.environ) if node_index() == 0 else None
+            self._run_id = os.environ[RUN_ID_ENV] = run_identity(config, os.environ, sweep)
+        self._point = point_job(config, os.environ, sweep) if node_index() == 0 else None
 
     def _job_options(self, config: DictConfig) -> dict[str, Any]:
         return job_options(config, self._options)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._proc import start_time
 from hydra_torchrun_callback._result import TorchrunSetupError
 from hydra_torchrun_callback._sweep import scheduler
 from hydra_torchrun_callback._sweep.launcher import KINDS, launcher_kind, wrap_launcher
@@ -112,15 +113,6 @@ def _refuse_other_sweep(existing: Mapping[str, Any], mine: Mapping[str, Any], wh
         )
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks (tells a reused pid apart), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]
-
-
 def _previous_alive(controller: Mapping[str, Any]) -> Optional[str]:
     """A description of the sweep's previous controller if it may still run, else None."""
     own_job = os.environ.get(CONTROLLER_JOB_ENV)
@@ -134,7 +126,7 @@ def _previous_alive(controller: Mapping[str, Any]) -> Optional[str]:
     if not isinstance(pid, int) or pid == os.getpid():
         return None
     if controller.get("host") == socket.gethostname():
-        start = _proc_start(pid)
+        start = start_time(pid)
         if start is None or start != controller.get("pid_start"):
             return None
         return f"pid {pid} on {controller.get('host')}"
@@ -152,7 +144,7 @@ def _local_points_alive(sweep_dir: Path, sweep_id: str) -> list[str]:
         pid = last.get("pid")
         if last.get("executor") != "local" or not isinstance(pid, int):
             continue
-        if last.get("host") == socket.gethostname() and _proc_start(pid) == last.get("pid_start"):
+        if last.get("host") == socket.gethostname() and start_time(pid) == last.get("pid_start"):
             alive.append(f"point #{num} (pid {pid})")
     return alive
 
@@ -302,7 +294,7 @@ def _become_controller(sweep_dir: Path, kind: str, detached: bool) -> None:
             "kind": ("slurm" if slurm_job else "local") if detached else "foreground",
             "launcher": kind,
             "pid": os.getpid(),
-            "pid_start": _proc_start(os.getpid()),
+            "pid_start": start_time(os.getpid()),
             "host": socket.gethostname(),
             "slurm_job": slurm_job,
             "log": fresh.get("log") if detached else None,

@@ -35,6 +35,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_torchrun_callback._log import log
+from hydra_torchrun_callback._proc import start_time
 from hydra_torchrun_callback._result import TorchrunPointLost
 from hydra_torchrun_callback._sweep import scheduler
 from hydra_torchrun_callback._sweep.plan import Action, Known, Step, assign_numbers
@@ -409,11 +410,8 @@ def _deferred_stop() -> Iterator[None]:
 
 def _local_process(job_id: str) -> dict[str, Any]:
     """A submitit_local job's process (its id is its pid) and its start time."""
-    if not job_id.isdigit():
-        return {}
-    try:
-        start = Path(f"/proc/{job_id}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
+    start = start_time(int(job_id)) if job_id.isdigit() else None
+    if start is None:
         return {}
     return {"pid": int(job_id), "pid_start": start, "host": socket.gethostname()}
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._wire import sweep_files
 
-__all__ = ["PointJob", "finish_point", "point_job", "run_identity"]
+__all__ = ["PointJob", "finish_point", "point_job", "run_identity", "sweep_id"]
 
 #: Root causes are kept whole up to this many characters in the record.
 CAUSE_CHARS = 8000
@@ -59,21 +59,30 @@ class PointJob:
         return {"sweep_id": self.sweep_id, "num": self.num, "overrides": list(self.overrides)}
 
 
-def point_job(config: DictConfig, env: Mapping[str, str]) -> Optional[PointJob]:
-    """This job's point, recorded as running; None outside a sweep the callback started
-    (or when the sweep dir cannot be read from here: node-local dirs)."""
+def sweep_id(config: DictConfig) -> Optional[str]:
+    """The id of the sweep this job is a point of (its sweep dir's ``sweep.json``); None
+    outside a sweep the callback started, or when the sweep dir cannot be read from here
+    (node-local dirs)."""
     sweep_dir = _sweep_dir(config)
     if not _multirun(config) or sweep_dir is None:
         return None
     info = sweep_files.read_sweep(sweep_dir)
-    if info is None or not info.get("id"):
+    return str(info["id"]) if info is not None and info.get("id") else None
+
+
+def point_job(
+    config: DictConfig, env: Mapping[str, str], sweep: Optional[str]
+) -> Optional[PointJob]:
+    """This job as point of the sweep ``sweep`` (:func:`sweep_id`), recorded as running;
+    None outside a sweep."""
+    if sweep is None:
         return None
     job_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir"))
     overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or []
     assert isinstance(overrides, list)
     point = PointJob(
         job_dir=job_dir,
-        sweep_id=str(info["id"]),
+        sweep_id=sweep,
         num=int(config.hydra.job.num),
         overrides=tuple(str(o) for o in overrides),
         attempt_id=f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}",
@@ -141,18 +150,15 @@ def _save_value(point: PointJob, value: Any) -> bool:
     return True
 
 
-def run_identity(config: DictConfig, env: Mapping[str, str]) -> str:
+def run_identity(config: DictConfig, env: Mapping[str, str], sweep: Optional[str]) -> str:
     """A run id the task's loggers can continue: the same after a requeue or a resume.
 
     A sweep point: its sweep's id and job number (its dir, which resume keeps). A single
     run under SLURM: its job id (a requeued job keeps it; ``${now:}`` in the run dir does
     not survive a requeue). Elsewhere: its output dir. 20 hex digits (W&B takes them)."""
-    if _multirun(config):
-        sweep_dir = _sweep_dir(config)
-        info = sweep_files.read_sweep(sweep_dir) if sweep_dir else None
-        if info is not None and info.get("id"):
-            basis = f"sweep\0{info['id']}\0{config.hydra.job.num}"
-            return hashlib.sha256(basis.encode()).hexdigest()[:20]
+    if sweep is not None:
+        basis = f"sweep\0{sweep}\0{config.hydra.job.num}"
+        return hashlib.sha256(basis.encode()).hexdigest()[:20]
     job = _slurm_job(env)
     if job and not _multirun(config):
         basis = f"slurm\0{env.get('SLURM_CLUSTER_NAME', '')}\0{job}"

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra_torchrun_callback._proc import start_time
 from hydra_torchrun_callback._sweep import scheduler
 from hydra_torchrun_callback._wire import sweep_files
 from hydra_torchrun_callback._wire.protocol import POINT_FILE, SWEEP_STATE_DIR
@@ -26,19 +27,13 @@ def is_sweep(root: Path) -> bool:
     return sweep_files.read_sweep(root) is not None
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _local_alive(record: Mapping[str, Any]) -> Optional[bool]:
     """Whether a local controller's process lives (None: another host, cannot tell)."""
     pid = record.get("pid")
     if not isinstance(pid, int) or record.get("host") != socket.gethostname():
         return None
-    return _proc_start(pid) is not None and _proc_start(pid) == record.get("pid_start")
+    start = start_time(pid)
+    return start is not None and start == record.get("pid_start")
 
 
 def _controller(root: Path, states: Mapping[str, str]) -> dict[str, Any]:

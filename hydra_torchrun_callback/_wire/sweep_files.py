@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra_torchrun_callback._files import write_text_atomic
+from hydra_torchrun_callback._files import write_atomic, write_text_atomic
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._wire.protocol import (
     CONTROLLER_FILE,
@@ -178,17 +178,7 @@ def seal_value(
 ) -> None:
     """Write rank 0's pickled value, signed for ``key``, into the point's dir (0600)."""
     blob = _signer(os.environ if env is None else env).seal(key, data)
-    path = Path(job_dir) / POINT_VALUE_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(Path(job_dir) / POINT_VALUE_FILE, blob, mode=0o600)
 
 
 def open_value(
