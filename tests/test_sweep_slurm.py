@@ -39,6 +39,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSandbox]:
         yield sandbox
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_queued(cluster: SlurmSandbox) -> Iterator[None]:
+    """Each test starts on an empty cluster: whatever a failed test left queued or running
+    (a controller, point jobs waiting for their release file) is cancelled after it, so
+    one failure does not starve the next tests of the cluster's 6 CPUs."""
+    yield
+    env = env_of(cluster)
+    subprocess.run(["scancel", "--user=root"], env=env, timeout=30, check=False)
+    wait_for(lambda: not queued(cluster), 60, "the cluster to empty")
+
+
+def queued(cluster: SlurmSandbox) -> list[str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i %T"],
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return out.split()
+
+
 def env_of(cluster: SlurmSandbox) -> dict[str, str]:
     env = sweep_env()
     env.update(cluster.env())
@@ -74,6 +96,24 @@ def controller(tmp_path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def job_diagnosis(tmp_path: Path, cluster: SlurmSandbox, job: str) -> str:
+    """What SLURM and the controller's log say about a job that did not do what a test
+    waited for (a failure in CI must say why)."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job],
+        env=env_of(cluster),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    log = controller(tmp_path).get("log")
+    tail = Path(log).read_text(errors="replace")[-4000:] if log and Path(log).exists() else ""
+    return (
+        f"scontrol show job {job}:\n{shown.stdout}{shown.stderr}\ncontroller.json: "
+        f"{controller(tmp_path)}\ncontroller log tail:\n{tail}"
+    )
+
+
 def ledger_jobs(tmp_path: Path) -> dict[int, list[str]]:
     folder = tmp_path / "multi" / ".torchrun_sweep" / "points"
     return {
@@ -83,7 +123,13 @@ def ledger_jobs(tmp_path: Path) -> dict[int, list[str]]:
 
 
 def point_jobs_running(tmp_path: Path, cluster: SlurmSandbox, count: int) -> list[str]:
-    wait_for(lambda: len(runs(tmp_path)) == count, 180, f"{count} points to start")
+    try:
+        wait_for(lambda: len(runs(tmp_path)) == count, 180, f"{count} points to start")
+    except AssertionError as exc:
+        job = str(controller(tmp_path).get("slurm_job") or "")
+        raise AssertionError(
+            f"{exc}; queued: {queued(cluster)}\n{job_diagnosis(tmp_path, cluster, job)}"
+        ) from None
     jobs = [j for ids in ledger_jobs(tmp_path).values() for j in ids]
     assert len(jobs) == count
     wait_for(lambda: all(squeue(cluster, j) == "RUNNING" for j in jobs), 60, "points running")
@@ -173,17 +219,29 @@ def test_interrupted_controller_resumes_by_itself(
     point_jobs_running(tmp_path, cluster, 2)
     first = controller(tmp_path)
     subprocess.run([*interrupt, job], env=env, check=True, timeout=30)
-    # A requeued job waits (BeginTime) before it may run again: release it at once.
     wait_for(lambda: squeue(cluster, job) == "PENDING", 120, "the requeued controller")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
-    wait_for(
-        lambda: (
-            controller(tmp_path).get("started", 0) > first["started"]
-            and controller(tmp_path).get("state") == "running"
-        ),
-        180,
-        "the controller to start again",
-    )
+
+    def restarted() -> bool:
+        record = controller(tmp_path)
+        if record.get("started", 0) > first["started"] and record.get("state") == "running":
+            return True
+        # A requeued job waits (BeginTime, ~2 min) before it may run again: release it. An
+        # update made while the old run still completes does not hold, so say it again.
+        if squeue(cluster, job) == "PENDING":
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                env=env,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        time.sleep(2)
+        return False
+
+    try:
+        wait_for(restarted, 180, "the controller to start again")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{job_diagnosis(tmp_path, cluster, job)}") from None
     (tmp_path / "release").touch()
     wait_for(lambda: controller(tmp_path).get("state") == "finished", 240, "the sweep's end")
     rows = by_x(saw(tmp_path))
