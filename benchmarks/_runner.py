@@ -201,6 +201,7 @@ def run(
     timeout: float = 900,
     grace: float = 1.0,
     probe: Callable[[Path, float], dict[str, float]] | None = None,
+    python: str = sys.executable,
 ) -> Run:
     """Run the commands at once (several = several agents by hand) and wait for all.
 
@@ -208,7 +209,8 @@ def run(
     the interpreter's start; otherwise CMD is executed as is (sbatch). The run ends when
     the top processes exited, the stderr pipe closed and no tagged process is left; one
     still there ``grace`` seconds later is a leftover. ``probe(work_dir, start)`` adds
-    marks the run's files hold before the work dir is removed.
+    marks the run's files hold before the work dir is removed. ``python``: the interpreter
+    (of a venv) that runs the wrapped commands.
     """
     work = Path(tempfile.mkdtemp(prefix="bench_"))
     out = work / "ranks"
@@ -221,7 +223,7 @@ def run(
     t0 = time.monotonic()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "_rss.py"), str(rss), *cmd] if wrap else cmd,
+            [python, str(HERE / "_rss.py"), str(rss), *cmd] if wrap else cmd,
             cwd=work,
             env=bench_env(out, tag, env),
             stdout=subprocess.DEVNULL,

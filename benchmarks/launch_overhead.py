@@ -33,8 +33,13 @@ from pathlib import Path
 import steady_state
 from _report import med, phase_table, span, values
 from _runner import HERE, Run, enable_subreaper, free_port, run
+from _venv import VENVS, describe
 
 FULL = "python benchmarks/launch_overhead.py --reps 5 --extras --slurm --out benchmarks/RESULTS.md"
+#: The app's two shapes: torch imported inside the task (the Hydra process never imports
+#: it), and at module top (most training scripts: the Hydra process imports it first).
+APPS = {"lazy": "bench_app.py", "top": "bench_app_top.py"}
+TOP = ", torch at top"
 
 
 @dataclass
@@ -46,6 +51,7 @@ class System:
     kind: str = ""  # the line in the plot (same kind across groups)
     x: int = 0  # N or k, for the plot and the slope
     phases: bool = True  # a column of "Where the time goes"
+    python: str = sys.executable  # the venv's interpreter that runs it
     runs: list[Run] = field(default_factory=list)
 
     def med(self, attr: str) -> float:
@@ -89,9 +95,9 @@ CALLBACKS = "hydra/callbacks=[phases,torchrun]"
 SPAWN = "hydra.callbacks.torchrun.start_method=spawn"
 
 
-def ours(n: int, *extra: str, multirun: int = 0) -> list[list[str]]:
+def ours(n: int, *extra: str, multirun: int = 0, shape: str = "lazy") -> list[list[str]]:
     cmd = [
-        str(HERE / "bench_app.py"),
+        str(HERE / APPS[shape]),
         CALLBACKS,
         f"hydra.callbacks.torchrun.nproc_per_node={n}",
         "hydra.run.dir=out",
@@ -178,7 +184,9 @@ def plot(systems: list[System], path: Path) -> str:
         (axes[0], "N=", "workers N (one node)"),
         (axes[1], "nodes=", "emulated nodes k (1 worker each)"),
     ):
-        chosen = [s for s in systems if s.group.startswith(prefix) and s.kind]
+        chosen = [  # the full venv's (the minimal venv's are in the tables)
+            s for s in systems if s.group.startswith(prefix) and s.kind and "venv)" not in s.group
+        ]
         for kind in dict.fromkeys(s.kind for s in chosen):
             line = sorted((s for s in chosen if s.kind == kind), key=lambda s: s.x)
             mid = [s.med("wall") for s in line]
@@ -222,14 +230,33 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=20, help="steady state: untimed steps first")
     ap.add_argument("--slurm", action="store_true", help="also 2 nodes on a SLURM sandbox (root)")
     ap.add_argument("--slurm-reps", type=int, default=2)
+    ap.add_argument(
+        "--shapes",
+        default="lazy,top",
+        help="app shapes: lazy (torch imported in the task), top (at module top)",
+    )
+    ap.add_argument(
+        "--venvs",
+        default="full,minimal",
+        help="full: this interpreter's venv; minimal: benchmarks/.venv-minimal (torch and "
+        "the package's own dependencies only, built on first use)",
+    )
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
     ap.add_argument("--plot", type=Path, help="PNG (default: launch_overhead.png beside --out)")
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.nprocs, args.nodes = 1, "2", ""
+        args.reps, args.nprocs, args.nodes, args.venvs = 1, "2", "", "full"
         args.steps, args.warmup, args.slurm = min(args.steps, 20), min(args.warmup, 5), False
     args.nprocs = [int(x) for x in args.nprocs.split(",") if x]
     args.nodes = [int(x) for x in args.nodes.split(",") if x]
+    args.shapes = [x for x in args.shapes.split(",") if x]
+    args.venvs = [x for x in args.venvs.split(",") if x]
+    for value, known, option in ((args.shapes, APPS, "--shapes"), (args.venvs, VENVS, "--venvs")):
+        unknown = sorted(set(value) - set(known))
+        if unknown or not value:
+            ap.error(
+                f"{option}: {','.join(unknown) or 'nothing'}; expected some of {','.join(known)}"
+            )
     if args.plot is None and args.out is not None:
         args.plot = args.out.parent / "launch_overhead.png"
     return args
@@ -240,21 +267,40 @@ def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
     jobs = 2 if args.quick else 4  # per multirun
     plan: list[System] = []
     baseline: dict[str, str] = {}
-    for n in args.nprocs:
-        g = f"N={n}"
-        baseline[g] = f"torchrun --standalone N={n}"
-        plan += [
-            System(baseline[g], g, partial(torchrun, n), kind="torchrun --standalone", x=n),
-            System(f"ours default N={n}", g, partial(ours, n), kind="ours default", x=n),
-            System(f"ours spawn N={n}", g, partial(ours, n, SPAWN), kind="ours spawn", x=n),
-            System(
-                f"ours multirun {jobs} jobs, per job, N={n}",
-                g,
-                partial(ours, n, multirun=jobs),
-                jobs=jobs,
-                phases=False,
-            ),
-        ]
+    pythons = {venv: VENVS[venv]() for venv in args.venvs}
+    for venv, python in pythons.items():
+        suffix = "" if venv == "full" else f" ({venv} venv)"
+        for n in args.nprocs:
+            g = f"N={n}{suffix}"
+            baseline[g] = f"torchrun --standalone N={n}{suffix}"
+            row = partial(System, group=g, python=python, x=n)
+            plan.append(row(baseline[g], cmds=partial(torchrun, n), kind="torchrun --standalone"))
+            for shape in args.shapes:
+                name = TOP if shape == "top" else ""
+                plan.append(
+                    row(
+                        f"ours default N={n}{name}{suffix}",
+                        cmds=partial(ours, n, shape=shape),
+                        kind=f"ours default{name}",
+                    )
+                )
+            if "lazy" in args.shapes:
+                plan.append(
+                    row(
+                        f"ours spawn N={n}{suffix}", cmds=partial(ours, n, SPAWN), kind="ours spawn"
+                    )
+                )
+            for shape in args.shapes:
+                name = TOP if shape == "top" else ""
+                plan.append(
+                    row(
+                        f"ours multirun {jobs} jobs, per job, N={n}{name}{suffix}",
+                        cmds=partial(ours, n, multirun=jobs, shape=shape),
+                        jobs=jobs,
+                        phases=False,
+                        x=0,
+                    )
+                )
     for k in args.nodes:
         g = f"nodes={k}"
         baseline[g] = f"torchrun x{k} agents by hand (c10d), 1 worker each"
@@ -299,6 +345,7 @@ def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
 
 def render(args: argparse.Namespace, plan: list[System], baseline: dict[str, str]) -> str:
     """The Markdown report (also runs the SLURM section and draws the plot)."""
+    venvs = {venv: VENVS[venv]() for venv in args.venvs}
     by_group: dict[str, list[System]] = {}
     for s in plan:
         by_group.setdefault(s.group, []).append(s)
@@ -313,6 +360,17 @@ def render(args: argparse.Namespace, plan: list[System], baseline: dict[str, str
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"torch {__import__('torch').__version__} (CPU), {platform.platform()}",
         f"This run: `{command}`",
+        "",
+        "Venvs (the same torch; what else a venv holds changes import times: torch imports "
+        "numpy when it is there):",
+        "",
+        *[f"- {venv}: {describe(python)}" for venv, python in venvs.items()],
+        "",
+        "App shapes: rows without a note run bench_app.py, which imports torch inside the "
+        'task (the Hydra process never imports it); rows marked "torch at top" run '
+        "bench_app_top.py, the same app with `import torch` at module top, as most training "
+        "scripts (the Hydra process imports torch before the callback runs). torchrun runs "
+        "body.py either way.",
         f"Repetitions: {args.reps} per system, run alternately (A B A B ...). "
         "Same body everywhere: init_process_group(gloo), all_reduce(rank), check, destroy. "
         '"ours default" passes no start_method (the callback\'s default); "ours spawn" '
@@ -367,7 +425,7 @@ def main() -> int:
     plan, baseline = make_plan(args)
     for rep in range(args.reps):  # A B A B ...: every system once per round
         for system in plan:
-            system.runs.append(run(system.cmds(), jobs=system.jobs))
+            system.runs.append(run(system.cmds(), jobs=system.jobs, python=system.python))
             last = system.runs[-1]
             print(
                 f"round {rep + 1}/{args.reps} {system.name}: {last.wall / last.jobs:.2f}s"

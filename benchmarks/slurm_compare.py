@@ -4,7 +4,8 @@
 
 Ours: ``bench_app.py -m hydra/launcher=submitit_slurm hydra.launcher.nodes=2
 hydra.launcher.tasks_per_node=1 hydra/callbacks=[phases,torchrun]
-hydra.callbacks.torchrun.nproc_per_node=2``, command start -> return. Theirs: a batch
+hydra.callbacks.torchrun.nproc_per_node=2``, command start -> return, also as
+``bench_app_top.py`` (torch imported at module top, as most training scripts). Theirs: a batch
 script running ``srun torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d
 --rdzv-endpoint=$head:PORT --rdzv-id=$SLURM_JOB_ID body.py`` (torchrun as ``python _rss.py
 FILE -m torch.distributed.run``, the console script's own code, so each agent's creation is
@@ -39,7 +40,11 @@ from _runner import HERE, REPO, Run, enable_subreaper, free_port, run
 
 #: Job processes keep exiting after the client returns (task 0's result is written first).
 GRACE = 20.0
-NAMES = ("ours submitit_slurm 2 nodes x 2 workers", "sbatch + srun torchrun (c10d)")
+NAMES = (
+    "ours submitit_slurm 2 nodes x 2 workers",
+    "ours submitit_slurm 2 nodes x 2 workers, torch at top",
+    "sbatch + srun torchrun (c10d)",
+)
 #: scontrol's job times -> marks (not phases: whole seconds).
 SCONTROL = {"SubmitTime": "submitted", "StartTime": "scheduled", "EndTime": "job_end"}
 #: Submit, wait until squeue no longer lists the job, fail unless it COMPLETED.
@@ -81,9 +86,10 @@ def _probe(env: dict[str, str]) -> Callable[[Path, float], dict[str, float]]:
     return probe
 
 
-def ours_cmd() -> list[str]:
+def ours_cmd(app: str = "bench_app.py") -> list[str]:
+    """``app``: bench_app.py (torch imported in the task) or bench_app_top.py (at the top)."""
     return [
-        str(HERE / "bench_app.py"),
+        str(HERE / app),
         "-m",
         "hydra/launcher=submitit_slurm",
         "hydra.launcher.nodes=2",
@@ -131,7 +137,8 @@ def compare(reps: int) -> list[tuple[str, list[Run]]]:
             script = sbatch_script(base / f"job{rep}.sh", free_port())
             for name, cmd, wrap in (
                 (NAMES[0], ours_cmd(), True),
-                (NAMES[1], ["bash", str(wait), str(script)], False),
+                (NAMES[1], ours_cmd("bench_app_top.py"), True),
+                (NAMES[2], ["bash", str(wait), str(script)], False),
             ):
                 r = run([cmd], wrap=wrap, env=env, grace=GRACE, probe=probe)
                 runs[name].append(r)
@@ -167,7 +174,7 @@ def section(reps: int) -> str:
         "| scheduler's view (scontrol; s after start, whole seconds) | "
         + " | ".join(name for name, _ in results)
         + " |",
-        "|---|---|---|",
+        "|---" * (len(results) + 1) + "|",
     ]
     for key, label in SCONTROL.items():
         cells = [[r.marks[label] for r in runs if label in r.marks] for _, runs in results]
@@ -176,7 +183,8 @@ def section(reps: int) -> str:
             + " | ".join(f"{statistics.median(c):.2f}" if c else "-" for c in cells)
             + " |"
         )
-    ratio = med(results[0][1], "wall") / med(results[1][1], "wall")
+    theirs = med(results[-1][1], "wall")
+    ratios = "; ".join(f"{name}: {med(runs, 'wall') / theirs:.2f}x" for name, runs in results[:-1])
     return "\n".join(
         [
             f"{reps} run(s) each, alternately, on the SLURM sandbox (2 slurmd on this machine, "
@@ -186,7 +194,7 @@ def section(reps: int) -> str:
             "",
             *rows,
             "",
-            f"Ours / sbatch: {ratio:.2f}x wall.",
+            f"Ours / sbatch (wall): {ratios}.",
             "",
             phase_table(results),
             "",

@@ -99,6 +99,12 @@ class TorchrunConf:
     # the agent) to save a checkpoint and exit, before the job is requeued. The workers
     # still running then get SIGTERM (and SIGKILL after shutdown_timeout).
     preemption_grace: float = 30.0
+    # With start_method=forkserver, what the workers are forked from. "auto": a fork of the
+    # Hydra process when the app imported torch itself and that process is safe to fork
+    # (one torch import per node), else a fresh interpreter (a log line says why);
+    # "fork": that fork, or an error naming what makes it unsafe; "fresh": always a fresh
+    # interpreter that imports torch itself.
+    warm_server: str = "auto"
 
     # Sweeps (-m) only; point jobs ignore these. README "Sweeps that outlive interruptions".
     # Return at once; the sweep runs on in a controller: a SLURM job of its own under
@@ -179,3 +185,4 @@ class TorchrunLauncherConf:
     summary: bool = True
     heartbeat_interval: float = 0.0
     preemption_grace: float = 30.0
+    warm_server: str = "auto"

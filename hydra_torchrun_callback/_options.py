@@ -75,6 +75,8 @@ TORCH_SINCE: dict[str, str] = {
 }
 RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
 CLUSTER_MODES = ("auto", "none", "slurm", "submitit")
+#: ``warm_server``: what forkserver workers are forked from (see _node.warm).
+WARM_SERVERS = ("auto", "fork", "fresh")
 NPROC_WORDS = ("auto", "gpu", "cpu")
 
 _NPROC_ACCEPTED = "expected a positive integer, 'auto', 'gpu' or 'cpu'"
@@ -169,6 +171,7 @@ class Options:
     shutdown_timeout: Optional[int] = None
     virtual_local_rank: bool = False
     preemption_grace: float = 30.0
+    warm_server: str = "auto"
     detach: bool = False
     resume: bool = False
     #: The detached controller's SLURM job parameters (submitit names), over ours.
@@ -460,6 +463,7 @@ def _parse_options(raw: Mapping[str, Any]) -> Options:
         else _int("shutdown_timeout", get("shutdown_timeout"), 1, "30"),
         virtual_local_rank=_bool("virtual_local_rank", get("virtual_local_rank", False)),
         preemption_grace=_positive_float("preemption_grace", get("preemption_grace", 30.0), "120"),
+        warm_server=_choice("warm_server", get("warm_server") or "auto", WARM_SERVERS, "fresh"),
         detach=_bool("detach", get("detach", False)),
         resume=_bool("resume", get("resume", False)),
         controller=_controller(get("controller")),

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from apps.procs import above_warm_server
+
 from conftest import left_behind, read_markers, run_app, start_app
 
 
@@ -166,10 +168,7 @@ def signal_agents(parents: set[int]) -> None:
     """What submitit's local controller does at timeout - signal_delay_s: signal each
     node's Hydra process (the agent; a forkserver worker's parent is the server)."""
     for pid in parents:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"forkserver" in cmdline:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        os.kill(pid, signal.SIGUSR2)
+        os.kill(above_warm_server(pid), signal.SIGUSR2)
 
 
 def lightning_two_nodes(
@@ -188,7 +187,9 @@ def lightning_two_nodes(
         "hydra.callbacks.torchrun.nproc_per_node=2",
         "trainer.devices=2",
         "trainer.num_nodes=2",
-        "trainer.max_epochs=1",
+        # Long enough (2-3 s) for the 1 s heartbeat to see both nodes' ranks training: each
+        # node publishes its ranks' states once a second.
+        "trainer.max_epochs=30",
         "hydra.callbacks.torchrun.heartbeat_interval=1",
         script="lightning_probe.py",
         multirun=True,
@@ -210,7 +211,12 @@ def lightning_two_nodes(
     assert list((job / "checkpoints").glob("*.ckpt"))
     assert (job / "lightning_logs" / "version_0" / "metrics.csv").exists()
     # Node 0's heartbeat covers the other node's ranks too (published through the store).
-    assert "torchrun heartbeat: 4/4 ranks alive [0-3]" in (job / "lightning_probe.log").read_text()
+    beats = [
+        line
+        for line in (job / "lightning_probe.log").read_text().splitlines()
+        if "torchrun heartbeat:" in line
+    ]
+    assert any("torchrun heartbeat: 4/4 ranks alive [0-3]" in line for line in beats), beats
     # One Hydra job per node: a re-run of sys.argv by Lightning would have recorded more.
     assert sorted(r["task"] for r in run.records) == [0, 1]
     task0 = next(r for r in run.records if r["task"] == 0)

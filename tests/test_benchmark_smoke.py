@@ -44,10 +44,13 @@ def test_launch_overhead_harness_quick(tmp_path) -> None:
         [
             "torchrun --standalone N=2",
             "ours default N=2",
+            "ours default N=2, torch at top",
             "ours spawn N=2",
             "ours multirun 2 jobs, per job, N=2",
+            "ours multirun 2 jobs, per job, N=2, torch at top",
         ]
     ), report
+    assert re.search(r"^- full: `[^`]+`: \d+ distributions; ", report, flags=re.M), report
     for name, cells in rows.items():
         assert cells[5] == "0", f"{name} left processes alive:\n{report}"  # left alive
         assert cells[6].endswith("x"), report  # ratio vs torchrun

@@ -22,7 +22,9 @@ import pytest
 
 from conftest import app_env, processes_with_tag, start_app, wait_started
 
-START_METHODS = ["forkserver", "spawn", "fork"]
+#: hang_app imports torch at the top: "forkserver" is a warm server forked from the Hydra
+#: process; "forkserver+fresh" a spawned one (warm_server=fresh, as for a lazy app).
+START_METHODS = ["forkserver", "forkserver+fresh", "spawn", "fork"]
 SIGNALS = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
 GONE_WITHIN_S = 12.0  # worst seen 3.85 s; under submitit's 15 s give-up on a sweep
 TWO_NODES = [  # two emulated nodes (submitit_local tasks), one worker each
@@ -91,11 +93,13 @@ def _start(
 def test_one_machine(tmp_path: Path, start_method: str, sig: signal.Signals) -> None:
     """Rank 0 blocks in a gloo all_reduce (native code), rank 1 sleeps."""
     tag = uuid.uuid4().hex
+    method, _, warm = start_method.partition("+")
     proc = _start(
         tmp_path,
         tag,
         "hydra.callbacks.torchrun.nproc_per_node=2",
-        f"hydra.callbacks.torchrun.start_method={start_method}",
+        f"hydra.callbacks.torchrun.start_method={method}",
+        f"hydra.callbacks.torchrun.warm_server={warm or 'auto'}",
     )
     try:
         started = wait_started(tmp_path / "out", 2, proc)
@@ -150,32 +154,47 @@ def test_emulated_nodes(tmp_path: Path, start_method: str, sig: signal.Signals) 
     TIMES[f"2 nodes {start_method} {sig.name}: all"] = _gone(tag, sent)
 
 
-def test_warm_server_is_single_threaded_and_never_imports_the_task(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm_server", ["auto", "fresh"])
+def test_warm_server_is_single_threaded_and_never_imports_the_task(
+    tmp_path: Path, warm_server: str
+) -> None:
     """Forking is safe only from a process with one thread (and no CUDA context: torch
     creates it lazily, and nothing preloaded asks for it; checked on GPUs by
-    scripts/gpu_check.sh). The task's module is imported by the workers only."""
+    scripts/gpu_check.sh). The app imports torch at the top, so by default the server
+    is a fork of the Hydra process (torch imported once on the node): the workers
+    inherit the task's module as the Hydra process imported it. A fresh server
+    (warm_server=fresh) never imports the task's module: the workers do."""
     tag = uuid.uuid4().hex
     proc = _start(
         tmp_path,
         tag,
         "hydra.callbacks.torchrun.nproc_per_node=2",
+        f"hydra.callbacks.torchrun.warm_server={warm_server}",
     )
     try:
         started = wait_started(tmp_path / "out", 2, proc)
         server = {_parent(s["pid"]) for s in started}
         assert len(server) == 1 and server != {proc.pid}
         (pid,) = server
-        assert b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert _parent(pid) == proc.pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if warm_server == "fresh":
+            assert b"multiprocessing.forkserver" in cmdline
+        else:  # a fork: the Hydra process's command line
+            assert cmdline == Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         threads = [
             line
             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
             if line.startswith("Threads:")
         ]
         assert threads == ["Threads:\t1"]
-        # The Hydra process (the app script) and each worker imported the task's module.
         imports = {int(x) for x in (tmp_path / "imports.txt").read_text().split()}
         assert pid not in imports and proc.pid in imports
-        assert {s["pid"] for s in started} <= set(imports)
+        workers = {s["pid"] for s in started}
+        if warm_server == "fresh":  # each worker imported the task's module
+            assert workers <= imports
+        else:  # imported once, by the Hydra process, before the fork
+            assert imports == {proc.pid}
     finally:
         proc.kill()
         proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,6 +17,7 @@ from hydra_torchrun_callback._node.placement import (
     plan_workers,
     resolve_placement,
 )
+from hydra_torchrun_callback._node.warm import fork_verdict
 from hydra_torchrun_callback._options import parse_options
 from hydra_torchrun_callback._worker.entry import rank_logging_config
 
@@ -535,3 +537,27 @@ def test_pet_never_replaces_a_slurm_job(variable: str, value: str, fact: str) ->
     # Values that agree with the placement are fine.
     agree = parse_options({}, {"PET_NNODES": "2", "PET_NODE_RANK": "1"})
     assert resolve_placement(agree, STEP, 1).node_rank == 1
+
+
+# -- warm start: may the Hydra process be forked into the warm server? ----------------
+def _fork_verdict(**state: Any) -> str | None:
+    base: dict[str, Any] = {
+        "main_thread": True,
+        "python_threads": [],
+        "native_threads": 0,
+        "blas_pool": 0,
+        "cuda": False,
+    }
+    return fork_verdict(**{**base, **state})
+
+
+def test_fork_verdict() -> None:
+    assert _fork_verdict() is None
+    assert _fork_verdict(native_threads=3, blas_pool=3) is None  # numpy's OpenBLAS pool
+    assert _fork_verdict(main_thread=False) == "the job does not run on the main thread"
+    assert _fork_verdict(python_threads=["b", "a"], native_threads=2) == (
+        "Python threads are running: a, b"
+    )
+    assert _fork_verdict(cuda=True) == "CUDA is initialised (torch.cuda.is_initialized())"
+    omp = _fork_verdict(native_threads=2, blas_pool=1)
+    assert omp is not None and omp.startswith("1 native thread(s) besides OpenBLAS's pool")

@@ -71,11 +71,13 @@ def run_in_warm_server(
     blob: bytes,
     adopt: Callable[[str, str], bool],
     preemption: Optional[signal.Signals],
+    warm_server: str = "auto",
 ) -> Optional[bytes]:
     """In the Hydra process: run the pickled :class:`.._node.job.NodeJob` with
-    :func:`.._node.job.run_node` in a fork of the warm server; return what it returned
-    (rank 0's pickled value) or raise what it raised."""
-    link = _AgentLink(blob, preemption)
+    :func:`.._node.job.run_node` in a fork of the warm server (``warm_server``: the
+    option, see :func:`.._node.warm.start_warm`); return what it returned (rank 0's
+    pickled value) or raise what it raised."""
+    link = _AgentLink(blob, preemption, warm_server)
     link.start()
     try:
         return link.serve(adopt)
@@ -87,14 +89,14 @@ class _AgentLink:
     """The Hydra process's end: starts the agent, forwards signals to it, serves its
     requests and log records, and leaves nothing of the job behind."""
 
-    def __init__(self, blob: bytes, preemption: Optional[signal.Signals]) -> None:
+    def __init__(self, blob: bytes, preemption: Optional[signal.Signals], warm_server: str) -> None:
         import multiprocessing
         from multiprocessing import forkserver
 
         from hydra_torchrun_callback._node import agent_host as _agent_host
         from hydra_torchrun_callback._node.warm import start_warm
 
-        server_pid = start_warm()
+        server_pid = start_warm(warm_server)
         fs: Any = forkserver._forkserver
         if server_pid is None or fs._forkserver_address is None:
             raise RuntimeError("the warm server did not start")

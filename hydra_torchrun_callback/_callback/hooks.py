@@ -9,6 +9,7 @@ never runs in the Hydra process.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import os
@@ -143,6 +144,9 @@ class TorchrunCallback(Callback):
 
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         opts = options_here(self._options)
+        basic = launcher.endswith("BasicLauncher")  # jobs run in this very process
+        if basic and "torch" in sys.modules:
+            self._start_warm_early()  # a fork of this process: before the sweep's threads
         try:
             # Checks a resume, or detaches (SystemExit(0)): before anything is submitted.
             start = begin_sweep(config, opts)
@@ -167,7 +171,7 @@ class TorchrunCallback(Callback):
         prepare_multirun(config)
         if start is not None:
             wrap(config, start)  # dead points fail alone; resume; the sweep's records
-        if launcher.endswith("BasicLauncher"):  # jobs run in this very process
+        if basic:
             self._start_warm_early()
         elif launcher.endswith("submitit_launcher.LocalLauncher"):  # emulated nodes
             from hydra_torchrun_callback._callback.local_wait import prompt_local_waits
@@ -183,7 +187,9 @@ class TorchrunCallback(Callback):
 
     def _start_warm_early(self) -> None:
         """The warm server imports torch while Hydra sets the job up, if it has a core of
-        its own (else ``_run_job`` starts it after this process's own torch import)."""
+        its own (else ``_run_job`` starts it after this process's own torch import). An
+        app that imported torch itself gets a fork of this process, made here, before
+        any thread of ours starts (see ``_node.warm``)."""
         if not self._warm or inside_torchrun_worker(os.environ):
             return
         from hydra_torchrun_callback._node.placement import detect_cluster, task_cpus, usable_cpus
@@ -194,8 +200,9 @@ class TorchrunCallback(Callback):
             return
         from hydra_torchrun_callback._node.warm import overlaps_imports, start_warm
 
-        if overlaps_imports(task_cpus(os.environ, usable_cpus(), task)):
-            start_warm()
+        if "torch" in sys.modules or overlaps_imports(task_cpus(os.environ, usable_cpus(), task)):
+            with contextlib.suppress(TorchrunOptionError):  # warm_server=fork: the job says
+                start_warm(options_here(self._options).warm_server)
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
         """Run the job, then arm the task's call to deliver its outcome.
@@ -288,7 +295,9 @@ class TorchrunCallback(Callback):
             from hydra_torchrun_callback._callback.agent_link import run_in_warm_server
             from hydra_torchrun_callback._node.agent import preemption_signal
 
-            data = run_in_warm_server(_pickling.dumps(job), adopt, preemption_signal(os.environ))
+            data = run_in_warm_server(
+                _pickling.dumps(job), adopt, preemption_signal(os.environ), options.warm_server
+            )
         else:
             data = run_node(job, adopt)
         if data is None:

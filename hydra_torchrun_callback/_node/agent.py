@@ -119,11 +119,16 @@ PREEMPT_GRACE_S = 30.0
 def _worker_pids() -> list[int]:
     """The node's live worker processes found by a scan (not mp's helpers): this
     process's descendants, or the warm server's when the agent is its fork."""
+    from multiprocessing import forkserver
+
+    # Not workers: this agent (a fork of the server too), the server (a child of the
+    # agent's process when the agent runs there), multiprocessing's resource tracker.
+    helpers = {os.getpid(), getattr(forkserver._forkserver, "_forkserver_pid", None)}
     found = []
-    for pid in descendants(worker_root()):  # the agent's fork runs "forkserver" too
+    for pid in descendants(worker_root()):
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"resource_tracker" not in cmd and b"forkserver" not in cmd:
+            if pid not in helpers and b"multiprocessing.resource_tracker" not in cmd:
                 found.append(pid)
     return found
 

@@ -216,11 +216,11 @@ def place_node(opts: Options, job_num: int) -> Placement:
     cpus = task_cpus(os.environ, usable_cpus(), task)
     warm = opts.start_method == "forkserver"
     if warm and overlaps_imports(cpus):
-        start_warm()  # a node's first job: nothing is warm yet
+        start_warm(opts.warm_server)  # a node's first job: nothing is warm yet
     import torch
 
     if warm:
-        start_warm()  # no-op when already running
+        start_warm(opts.warm_server)  # no-op when already running
     share = host_share(os.environ, task)
     plan = plan_workers(
         opts.nproc_per_node,

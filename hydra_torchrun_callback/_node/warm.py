@@ -26,14 +26,33 @@ imports is this one): the kernel SIGKILLs it when the Hydra process dies, and th
 workers follow (their death signal). The same binding makes the server go at once
 when the Hydra process exits normally, instead of tearing torch down for a second
 while it holds the app's stdout/stderr pipes open.
+
+Apps that import torch at module top (most training scripts): the Hydra process has
+already paid for torch, and a spawned server would import it a second time on the node
+(~1.3 s of CPU, more with Lightning). So when torch is in ``sys.modules`` and the Hydra
+process is fork-safe (:func:`fork_unsafe_reason`: on its main thread, no other Python
+thread, no native thread beyond numpy's OpenBLAS pool, which shuts itself down around a
+fork, no CUDA context), the server is a *fork* of the Hydra process made once, at the
+first job's start, before any thread of ours starts; it then imports only what the
+Hydra process lacks. The fork sheds what the Hydra process set up for itself: Python
+signal handlers (submitit's, ours) go back to their defaults (an ignored signal stays
+ignored), buffered output is flushed first so nothing is written twice, and it binds
+its life to the Hydra process as a spawned server does. Otherwise (a thread started at
+import, OpenMP's pool after a parallel torch op, CUDA initialised at import) the server
+is spawned as above, and a log line says why. What the workers then inherit is what
+``start_method=fork`` gives: the app's modules as the Hydra process imported them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 from hydra_torchrun_callback._proc import die_with_parent, shield_signals
@@ -42,12 +61,15 @@ from hydra_torchrun_callback._wire.protocol import WARM_PARENT_ENV
 __all__ = [
     "WARM_PRELOAD",
     "bind_to_parent",
+    "fork_unsafe_reason",
+    "fork_verdict",
     "no_main_reimport",
     "overlaps_imports",
+    "server_is_fork",
     "start_warm",
 ]
 
-#: The Hydra process's pid, for the server to bind its life to (set while starting it).
+log = logging.getLogger("hydra_torchrun_callback")
 
 #: What the server imports once, in this order. This module comes first: it binds the
 #: server's life to the Hydra process before the slow imports.
@@ -112,15 +134,47 @@ def overlaps_imports(cpus: int) -> bool:
     return cpus >= 2
 
 
-def start_warm() -> Optional[int]:
+def start_warm(mode: str = "auto") -> Optional[int]:
     """Start (once per Hydra process) the preloaded server; return its pid.
 
-    Call it from the main thread: the server's death signal is tied to the thread that
-    starts it. It imports torch in its own process while this one goes on with the
-    job's set-up, and serves every later job of a multirun.
+    ``mode`` is the ``warm_server`` option: "auto" forks this process when torch is
+    already imported here and the fork is safe, "fork" insists (an error says why it
+    cannot), "fresh" always spawns. Call it from the main thread: the server's death
+    signal is tied to the thread that starts it. A spawned server imports torch in its
+    own process while this one goes on with the job's set-up; a forked one is ready at
+    once. It serves every later job of a multirun.
     """
-    import multiprocessing
     from multiprocessing import forkserver
+
+    running = _running_server()
+    if running is not None:
+        return running
+    if mode != "fresh":
+        why = (
+            "the app did not import torch (nothing to share: the server imports it while "
+            "Hydra sets the job up)"
+            if "torch" not in sys.modules
+            else fork_unsafe_reason()
+        )
+        if why is None:
+            return _fork_server()
+        if mode == "fork":
+            from hydra_torchrun_callback._options import TorchrunOptionError
+
+            raise TorchrunOptionError(
+                "warm_server",
+                "fork",
+                f"this Hydra process cannot be forked safely: {why}",
+                "auto",
+            )
+        if "torch" in sys.modules:
+            log.info(
+                "warm start: torch is already imported here, but this process is not safe "
+                "to fork (%s): the warm server is a fresh interpreter that imports torch "
+                "again (hydra.callbacks.torchrun.warm_server)",
+                why,
+            )
+    import multiprocessing
 
     multiprocessing.set_forkserver_preload(list(WARM_PRELOAD))
     os.environ[WARM_PARENT_ENV] = str(os.getpid())
@@ -131,6 +185,251 @@ def start_warm() -> Optional[int]:
         os.environ.pop(WARM_PARENT_ENV, None)
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return int(pid) if pid is not None else None
+
+
+_forked_pid: Optional[int] = None
+
+
+def server_is_fork() -> bool:
+    """Whether this process's warm server is a fork of it (torch imported once)."""
+    return _forked_pid is not None and _running_server() == _forked_pid
+
+
+def _running_server() -> Optional[int]:
+    """The warm server's pid if this process started one that still runs."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return None
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: the agent, given its server's address
+        return int(pid)
+    if not done:
+        return int(pid)
+    # Gone (reaped here): forget it as ensure_running does, so that a new one can start.
+    server: Any = forkserver._forkserver
+    with contextlib.suppress(OSError, TypeError):
+        os.close(server._forkserver_alive_fd)
+    server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
+    return None
+
+
+# -- a server forked from the Hydra process ------------------------------------------------
+def fork_verdict(
+    *,
+    main_thread: bool,
+    python_threads: Sequence[str],
+    native_threads: int,
+    blas_pool: int,
+    cuda: bool,
+) -> Optional[str]:
+    """Why a process in this state must not be forked into the warm server (None: it may).
+
+    ``native_threads`` counts the process's threads besides the main one (``/proc``);
+    ``blas_pool`` is how many of them are OpenBLAS's pool, which stops itself before a
+    fork (``pthread_atfork``) and starts again on first use. Any other thread may hold a
+    lock the fork copies locked (a Python thread, OpenMP's pool after a parallel torch
+    op: a forked child hangs in its next parallel region), and a CUDA context cannot be
+    used in a fork at all."""
+    if not main_thread:
+        return "the job does not run on the main thread"
+    if python_threads:
+        return f"Python threads are running: {', '.join(sorted(python_threads))}"
+    if cuda:
+        return "CUDA is initialised (torch.cuda.is_initialized())"
+    extra = native_threads - len(python_threads) - blas_pool
+    if extra > 0:
+        return (
+            f"{extra} native thread(s) besides OpenBLAS's pool are running (OpenMP's pool "
+            "after a parallel torch op, a CUDA or I/O library's thread)"
+        )
+    return None
+
+
+def fork_unsafe_reason() -> Optional[str]:
+    """:func:`fork_verdict` for this process, read from ``threading``, ``/proc`` and torch."""
+    main = threading.main_thread()
+    others = [t.name for t in threading.enumerate() if t is not main and t.is_alive()]
+    try:
+        native = len(os.listdir("/proc/self/task")) - 1
+    except OSError:
+        return "/proc/self/task cannot be read (threads unknown)"
+    torch_cuda = sys.modules.get("torch.cuda")
+    cuda = False
+    if torch_cuda is not None:
+        with contextlib.suppress(Exception):
+            cuda = bool(torch_cuda.is_initialized())
+    if not hasattr(os, "register_at_fork") or not _forkserver_internals():
+        return "this Python's multiprocessing.forkserver is not the one this was written for"
+    return fork_verdict(
+        main_thread=threading.current_thread() is main,
+        python_threads=others,
+        native_threads=native,
+        blas_pool=_openblas_pool(),
+        cuda=cuda,
+    )
+
+
+def _forkserver_internals() -> bool:
+    """CPython 3.10-3.13's ForkServer: the fields :func:`_fork_server` fills in as
+    ``ensure_running`` does (3.14 adds an auth key: it then spawns, as before)."""
+    import inspect
+    from multiprocessing import forkserver
+
+    fields = vars(forkserver._forkserver)
+    wanted = {"_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_lock"}
+    params = list(inspect.signature(forkserver.main).parameters)
+    return (
+        wanted <= set(fields)
+        and "_forkserver_authkey" not in fields
+        and params[:3]
+        == [
+            "listener_fd",
+            "alive_r",
+            "preload",
+        ]
+    )
+
+
+#: OpenBLAS builds' thread-count getters (plain, 64-bit-int, numpy's scipy-openblas).
+_OPENBLAS_GETTERS = (
+    "openblas_get_num_threads",
+    "openblas_get_num_threads64_",
+    "scipy_openblas_get_num_threads",
+    "scipy_openblas_get_num_threads64_",
+)
+
+
+def _openblas_pool() -> int:
+    """How many pool threads the OpenBLAS libraries loaded here keep (each runs its
+    ``num_threads - 1`` workers beside the calling thread)."""
+    import ctypes
+
+    paths = set()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            if "openblas" in os.path.basename(path).lower() and ".so" in path:
+                paths.add(path)
+    pool = 0
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+        except OSError:
+            continue
+        for name in _OPENBLAS_GETTERS:
+            getter = getattr(lib, name, None)
+            if getter is not None:
+                getter.restype = ctypes.c_int
+                pool += max(int(getter()) - 1, 0)
+                break
+    return pool
+
+
+def _flush_output() -> None:
+    """Write out what this process buffered, so that the fork does not write it again."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for ref in list(getattr(logging, "_handlerList", [])):
+        handler = ref()
+        if handler is not None:
+            with contextlib.suppress(Exception):
+                handler.flush()
+
+
+def _default_handlers() -> None:
+    """In the fork: Python-level signal handlers back to a fresh interpreter's (submitit's
+    requeue handler, the agent link's forwarding must not run in the server or its
+    workers); a signal the Hydra process ignores stays ignored, as it would for a child."""
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (ValueError, OSError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            fresh = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
+                signal.signal(sig, fresh)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+
+
+def _drop_log_handlers() -> None:
+    """In the fork: no logging handler of the Hydra process (its console, the job's log
+    file, an app's network handler), as in a fresh server. They are dropped, never
+    flushed or closed here (the Hydra process owns them): the agent sends its records to
+    the Hydra process, and each worker configures its own."""
+    manager = logging.root.manager
+    for logger in [logging.root, *manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            logger.handlers.clear()
+    handler_list: Any = getattr(logging, "_handlerList", None)
+    if isinstance(handler_list, list):
+        del handler_list[:]  # logging.shutdown (a worker's dictConfig, exit) skips them
+    handlers: Any = getattr(logging, "_handlers", None)
+    if isinstance(handlers, dict):
+        handlers.clear()
+
+
+def _fork_server() -> int:
+    """Fork this process into multiprocessing's forkserver (what ``ensure_running``
+    spawns), registered where ``ensure_running`` would register a spawned one."""
+    import socket
+    from multiprocessing import connection, forkserver, resource_tracker, util
+
+    global _forked_pid
+    server: Any = forkserver._forkserver
+    with server._lock:
+        resource_tracker.ensure_running()  # its fd is inherited: one tracker for all
+        address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(address)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()
+            parent = os.getpid()
+            _flush_output()
+            with warnings.catch_warnings():
+                # 3.12+ warns of any thread at a fork; OpenBLAS's pool is the one
+                # fork_unsafe_reason lets through, and it handles forks itself.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the server; never returns
+                _serve(listener.fileno(), alive_r, alive_w, parent)
+            os.close(alive_r)
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+    _forked_pid = pid
+    log.debug("warm start: the warm server is pid %d, a fork of this process", pid)
+    return pid
+
+
+def _serve(listener_fd: int, alive_r: int, alive_w: int, parent: int) -> None:
+    """The forked server's whole life: bound to the Hydra process, serve forks until
+    every holder of the alive pipe is gone (multiprocessing's own loop)."""
+    code = 1
+    try:
+        os.close(alive_w)  # only the Hydra process (and the workers) keep the server up
+        _default_handlers()
+        _drop_log_handlers()
+        if die_with_parent(parent):
+            shield_signals()
+        from multiprocessing import forkserver
+
+        forkserver.main(listener_fd, alive_r, list(WARM_PRELOAD), None, None)
+        code = 0
+    except BaseException:  # a server's death says why, then ends
+        with contextlib.suppress(Exception):
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        os._exit(code)
 
 
 bind_to_parent()
