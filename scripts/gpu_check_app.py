@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,19 @@ class GpuCheckConf:
 
 
 ConfigStore.instance().store(name="gpu_check", node=GpuCheckConf)
+
+# What most training scripts do at import (checks 6 and 7), chosen by GPU_CHECK_AT_IMPORT:
+# "torch" imports torch (the warm server is then a fork of the Hydra process); "cuda" also
+# initialises CUDA (the fork would be unsafe: a fresh server, a log line says why);
+# "thread" starts a thread instead (the unsafe case without a GPU, for --cpu).
+AT_IMPORT = os.environ.get("GPU_CHECK_AT_IMPORT", "")
+if AT_IMPORT:
+    import torch
+
+    if AT_IMPORT == "cuda":
+        torch.cuda.init()
+    elif AT_IMPORT == "thread":
+        threading.Thread(target=time.sleep, args=(3600,), name="at-import", daemon=True).start()
 
 
 def device_report(cpu: bool) -> dict[str, Any]:
@@ -61,17 +75,31 @@ def _maps_cuda(pid: int) -> bool:
         return "libcuda.so" in f.read()
 
 
+def _status(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith(key + ":"))
+
+
 def warm_report() -> dict[str, Any]:
     """The warm server this worker was forked from (start_method=forkserver, the
-    default): it must hold no CUDA context and have one thread when it forks."""
+    default): it must hold no CUDA context and have one thread when it forks. ``kind``:
+    "fresh" (a spawned interpreter) or "fork" (a fork of the Hydra process, whose
+    command line it has: the app imported torch at the top)."""
     server = os.getppid()
     with open(f"/proc/{server}/cmdline", "rb") as f:
-        if b"multiprocessing.forkserver" not in f.read():
-            return {"server": None}
-    with open(f"/proc/{server}/status") as f:
-        threads = next(int(x.split()[1]) for x in f if x.startswith("Threads:"))
+        cmdline = f.read()
+    with open(f"/proc/{_status(server, 'PPid')}/cmdline", "rb") as f:
+        parent_cmdline = f.read()
+    if b"multiprocessing.forkserver" in cmdline:
+        kind = "fresh"
+    elif cmdline == parent_cmdline:
+        kind = "fork"
+    else:
+        return {"server": None}
+    threads = int(_status(server, "Threads"))
     return {
         "server": server,
+        "kind": kind,
         "threads": threads,
         "server_cuda": _maps_cuda(server),
         "worker_cuda": _maps_cuda(os.getpid()),
@@ -156,7 +184,9 @@ def verdict(
 
     ``what``: "collective" (the all_reduce), "devices" (one device per worker and host),
     "return" (rank 0's tensors reached the Hydra process on the CPU, CUDA untouched),
-    "warm" (the server the workers were forked from has no CUDA and one thread)."""
+    "warm" (the server the workers were forked from has no CUDA and one thread),
+    "warm-fork" / "warm-fresh" (the same, and the server is a fork of the Hydra process /
+    a fresh interpreter; a fresh one says why in the job's log)."""
     try:
         with open(records_path) as f:
             records = [json.loads(line) for line in f]
@@ -206,11 +236,17 @@ def verdict(
             if r["cuda_initialised_in_hydra_process"]:
                 problems.append(f"{job}: reading the value initialised CUDA in the Hydra process")
             seen_text = f"made on {v['source_device']}, came back on {r['tensor'].get('device')}"
-        elif what == "warm":
+        elif what.startswith("warm"):
             servers = {w["warm"]["server"] for w in v["workers"]}
             if None in servers:
                 problems.append(f"{job}: workers were not forked from a warm server")
                 continue
+            kinds = {w["warm"]["kind"] for w in v["workers"]}
+            want = what.partition("-")[2]
+            if want and kinds != {want}:
+                problems.append(f"{job}: the warm server is {kinds}, expected {want}")
+            if want == "fresh" and not _logged_fallback(records_path):
+                problems.append(f"{job}: no 'not safe to fork' line in the job's log")
             for w in v["workers"]:
                 warm = w["warm"]
                 if warm["server_cuda"] or warm["threads"] != 1:
@@ -220,8 +256,17 @@ def verdict(
                     )
                 if not cpu and not warm["worker_cuda"]:  # else the check proves nothing
                     problems.append(f"{job}: rank {w['rank']} has no libcuda mapped")
-            seen_text = f"{len(servers)} server(s): 1 thread, no CUDA in them"
+            seen_text = f"{len(servers)} {'/'.join(sorted(kinds))} server(s): 1 thread, no CUDA"
     return seen_text, problems
+
+
+def _logged_fallback(records_path: str) -> bool:
+    """Whether the run's log (beside its records) says why the server was not a fork."""
+    try:
+        with open(records_path.removesuffix(".jsonl") + ".log") as f:
+            return "this process is not safe to fork" in f.read()
+    except OSError:
+        return False
 
 
 def print_report(out: str, cpu: bool, specs: list[str]) -> int:
