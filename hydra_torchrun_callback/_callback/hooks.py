@@ -145,7 +145,7 @@ class TorchrunCallback(Callback):
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         opts = options_here(self._options)
         basic = launcher.endswith("BasicLauncher")  # jobs run in this very process
-        if basic and "torch" in sys.modules:
+        if basic and "torch" in sys.modules and not opts.detach:
             self._start_warm_early()  # a fork of this process: before the sweep's threads
         try:
             # Checks a resume, or detaches (SystemExit(0)): before anything is submitted.
