@@ -8,6 +8,7 @@ the Hydra process unsafe to fork at import: ``TOP_APP_THREAD=1`` starts a Python
 ``TOP_APP_OMP=1`` runs a parallel torch op (OpenMP's pool then runs).
 """
 
+import atexit
 import json
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ if os.environ.get("TOP_APP_RANK_AT_IMPORT") == "1":  # what Lightning does at im
 
     rank_zero_only.rank = int(os.environ.get("RANK", 0))  # type: ignore[attr-defined]
 
+atexit.register(print, "top_import_app: exit handler ran")  # still runs after a quick exit
 # Buffered (stdout is a pipe): the fork must not write it a second time.
 print(f"top_import_app: imported in pid {os.getpid()}")
 
