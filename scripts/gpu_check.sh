@@ -9,8 +9,9 @@
 #      has one thread and no CUDA library mapped (each worker does map it)
 #   6. an app that imports torch at module top: the warm server is a fork of the Hydra
 #      process (torch imported once per node), still one thread and no CUDA library
-#   7. an app that initialises CUDA at import (--cpu: starts a thread at import): the Hydra
-#      process is not safe to fork, the server is a fresh interpreter, the log says why
+#   7. an app that calls torch.cuda.is_available() at import (--cpu: starts a thread at
+#      import): the Hydra process is not safe to fork (the CUDA driver is loaded), the
+#      server is a fresh interpreter, the log says why
 # The app is scripts/gpu_check_app.py. Exit status: 0 passed, 1 a check failed, 2 no GPU.
 #   bash scripts/gpu_check.sh          # needs nvidia-smi and a CUDA build of torch
 #   bash scripts/gpu_check.sh --cpu    # tests this harness without GPUs: the same runs and
@@ -94,7 +95,7 @@ fi
 export GPU_CHECK_AT_IMPORT=torch
 run run3 "hydra.run.dir=$out/run3"
 time3=$secs
-GPU_CHECK_AT_IMPORT=$([ $cpu = 1 ] && echo thread || echo cuda)
+GPU_CHECK_AT_IMPORT=$([ $cpu = 1 ] && echo thread || echo available)
 run run4 "hydra.run.dir=$out/run4"
 time4=$secs
 unset GPU_CHECK_AT_IMPORT
@@ -118,7 +119,7 @@ for what in devices return warm; do
   done
 done
 check "6 torch at top: forked warm server (run3)" run3 warm-fork 1 $gpus "$time3"
-check "7 $([ $cpu = 1 ] && echo "thread" || echo "CUDA") at import: fresh server (run4)" run4 \
+check "7 $([ $cpu = 1 ] && echo "thread" || echo "cuda.is_available()") at import: fresh server (run4)" run4 \
   warm-fresh 1 $gpus "$time4"
 "$PY" scripts/gpu_check_app.py --report "$out" "$cpu" "${checks[@]}" || failed=1
 for note in "${notes[@]}"; do

@@ -34,14 +34,18 @@ class GpuCheckConf:
 ConfigStore.instance().store(name="gpu_check", node=GpuCheckConf)
 
 # What most training scripts do at import (checks 6 and 7), chosen by GPU_CHECK_AT_IMPORT:
-# "torch" imports torch (the warm server is then a fork of the Hydra process); "cuda" also
-# initialises CUDA (the fork would be unsafe: a fresh server, a log line says why);
-# "thread" starts a thread instead (the unsafe case without a GPU, for --cpu).
+# "torch" imports torch (the warm server is then a fork of the Hydra process);
+# "available" also asks torch.cuda.is_available() (as `DEVICE = "cuda" if ... else "cpu"`
+# does: it loads the CUDA driver, after which a fork cannot use CUDA: a fresh server, a log
+# line says why); "cuda" initialises CUDA; "thread" starts a thread instead (the unsafe
+# case without a GPU, for --cpu).
 AT_IMPORT = os.environ.get("GPU_CHECK_AT_IMPORT", "")
 if AT_IMPORT:
     import torch
 
-    if AT_IMPORT == "cuda":
+    if AT_IMPORT == "available":
+        torch.cuda.is_available()
+    elif AT_IMPORT == "cuda":
         torch.cuda.init()
     elif AT_IMPORT == "thread":
         threading.Thread(target=time.sleep, args=(3600,), name="at-import", daemon=True).start()

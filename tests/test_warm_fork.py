@@ -70,6 +70,10 @@ def test_server_is_a_fork_of_the_hydra_process(tmp_path: Path) -> None:
     assert not any("multiprocessing.forkserver" in part for part in ranks[0]["server_cmd"])
     assert ranks[0]["server_cmd"][1].endswith(APP)
     assert _imported_lines(run.output) == [f"top_import_app: imported in pid {hydra}"]
+    # The quick exit (garbage frozen at exit) keeps the app's exit handlers, and no
+    # finalizer complains of a half-torn-down interpreter.
+    assert run.output.count("top_import_app: exit handler ran") == 1
+    assert "Exception ignored" not in run.output
     assert FALLBACK not in run.output
     assert run.records[0]["value"] == {"sum": 3.0, "x": 0}
     assert server != hydra
@@ -79,7 +83,7 @@ def test_server_is_a_fork_of_the_hydra_process(tmp_path: Path) -> None:
     ("switch", "why"),
     [
         ("TOP_APP_THREAD", "Python threads are running: app-prefetch"),
-        ("TOP_APP_OMP", "native thread(s) besides OpenBLAS's pool are running"),
+        ("TOP_APP_OMP", "native thread(s) are running (OpenMP's pool"),
     ],
     ids=["thread-at-import", "openmp-pool-at-import"],
 )
@@ -159,3 +163,31 @@ def test_emulated_nodes_each_fork_their_own_server(tmp_path: Path) -> None:
     assert not {r["pid"] for r in ranks} & _importers(tmp_path)
     task0 = next(r for r in run.records if r["task"] == 0)  # one record per node's job
     assert task0["value"] == {"sum": 10.0, "x": 0}
+
+
+def test_worker_state_a_fork_must_not_inherit(tmp_path: Path) -> None:
+    """What a forked server must not pass on: a Lightning-style rank read from the
+    environment at import (each worker gets its own RANK, not the Hydra process's 0),
+    and multiprocessing's forkserver lock (held while the Hydra process forked): a
+    worker starting a process with a forkserver context of its own (a DataLoader's
+    multiprocessing_context="forkserver") must not hang."""
+    pytest.importorskip("lightning_utilities")
+    run = _run(tmp_path, env={"TOP_APP_RANK_AT_IMPORT": "1", "TOP_APP_NESTED": "1"})
+    assert run.proc.returncode == 0, run.output
+    ranks = _ranks(run.out, 2)
+    assert _importers(tmp_path) >= {ranks[0]["server_parent"]}
+    assert not any("multiprocessing.forkserver" in part for part in ranks[0]["server_cmd"])
+    assert [r["rank_zero_only"] for r in ranks] == [0, 1]
+    assert [r["nested_exitcode"] for r in ranks] == [0, 0]
+
+
+def test_lazy_app_with_warm_server_fork(tmp_path: Path) -> None:
+    """warm_server=fork on an app that never imported torch: the server is still a fork
+    of the Hydra process (it imports torch itself, after the fork)."""
+    run = run_app(
+        tmp_path,
+        "hydra.callbacks.torchrun.nproc_per_node=2",
+        "hydra.callbacks.torchrun.warm_server=fork",
+    )
+    assert run.proc.returncode == 0, run.output
+    assert run.records[0]["value"]["sum"] == 1

@@ -1,5 +1,6 @@
 """The Hydra process's side of the agent in a fork of the warm server, so that a node's
-Hydra process never imports torch.
+Hydra process needs no torch of its own (an app may still import it: the server is then
+a fork of the Hydra process, see ``_node.warm``).
 
 With ``start_method=forkserver`` (the default) a node imported torch twice: in its
 Hydra process, for the agent, and in the warm server, for the workers. On 2 emulated

@@ -39,7 +39,7 @@ from hydra_torchrun_callback._node.placement import inside_torchrun_worker
 from hydra_torchrun_callback._options import TorchrunOptionError, options_here
 from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 from hydra_torchrun_callback._sweep.points import PointJob
-from hydra_torchrun_callback._wire.protocol import AGENT_IN_SERVER_ENV, RUN_ID_ENV
+from hydra_torchrun_callback._wire.protocol import AGENT_IN_SERVER_ENV, QUICK_EXIT_ENV, RUN_ID_ENV
 
 __all__ = ["TorchrunAbort", "TorchrunCallback"]
 
@@ -98,16 +98,27 @@ def job_options(config: DictConfig, fallback: Mapping[str, Any]) -> dict[str, An
 
 
 def _quick_exit_at_end() -> None:
-    """In a node's submitit task: skip the final garbage collection at exit.
+    """Skip Python's final garbage collections at exit, where torch is loaded.
 
-    With torch loaded, Python's shutdown spends ~1 s walking every object for cycles (the
-    task's teardown delays the job's end under submitit_local, and the step's end under
-    SLURM). Frozen at exit, after the handlers registered later ran and before the ones
-    registered earlier (logging, multiprocessing, weakref finalizers), which still run.
-    Only in submitit's task processes: the user's own Hydra process is left alone.
+    With torch loaded, Python's shutdown walks every object for cycles (0.4 s here for a
+    process that imported torch, ~1 s in a node's task): in a node's submitit task it
+    delays the job's end (and the step's end under SLURM), in the user's Hydra process
+    (an app that imports torch at the top) the command's return. So at exit, garbage is
+    collected once (what is already unreachable is finalized as usual), then what is
+    left is frozen, after the exit handlers registered later ran and before the ones
+    registered earlier (logging, multiprocessing, weakref finalizers, the app's own
+    imports'), which still run; Python does not promise finalizers for objects alive at
+    exit anyway. ``HYDRA_TORCHRUN_QUICK_EXIT=0`` leaves the exit as Python's default.
     """
-    atexit.unregister(gc.freeze)  # once, however many copies are unpickled
-    atexit.register(gc.freeze)
+    if os.environ.get(QUICK_EXIT_ENV) == "0":
+        return
+    atexit.unregister(_collect_and_freeze)  # once, however many times it is asked
+    atexit.register(_collect_and_freeze)
+
+
+def _collect_and_freeze() -> None:
+    gc.collect()
+    gc.freeze()
 
 
 class TorchrunCallback(Callback):
@@ -145,7 +156,7 @@ class TorchrunCallback(Callback):
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         opts = options_here(self._options)
         basic = launcher.endswith("BasicLauncher")  # jobs run in this very process
-        if basic and "torch" in sys.modules:
+        if basic and "torch" in sys.modules and not opts.detach:
             self._start_warm_early()  # a fork of this process: before the sweep's threads
         try:
             # Checks a resume, or detaches (SystemExit(0)): before anything is submitted.
@@ -178,12 +189,18 @@ class TorchrunCallback(Callback):
 
             prompt_local_waits()  # see each job end when its nodes exit, not 1 s later
 
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if "torch" in sys.modules and not inside_torchrun_worker(os.environ):
+            _quick_exit_at_end()  # the app imported torch: its exit would walk it all
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra_torchrun_callback._callback.local_wait import restore_local_waits
         from hydra_torchrun_callback._sweep.control import end_sweep
 
         restore_local_waits()
         end_sweep()
+        if "torch" in sys.modules and not inside_torchrun_worker(os.environ):
+            _quick_exit_at_end()
 
     def _start_warm_early(self) -> None:
         """The warm server imports torch while Hydra sets the job up, if it has a core of

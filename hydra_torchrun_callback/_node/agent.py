@@ -123,13 +123,23 @@ def _worker_pids() -> list[int]:
 
     # Not workers: this agent (a fork of the server too), the server (a child of the
     # agent's process when the agent runs there), multiprocessing's resource tracker.
-    helpers = {os.getpid(), getattr(forkserver._forkserver, "_forkserver_pid", None)}
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    helpers = {os.getpid(), server}
+    root = worker_root()
     found = []
-    for pid in descendants(worker_root()):
-        with contextlib.suppress(OSError):
+    for pid in descendants(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if pid not in helpers and b"multiprocessing.resource_tracker" not in cmd:
-                found.append(pid)
+            if pid in helpers or b"multiprocessing.resource_tracker" in cmd:
+                continue
+            # A forkserver a worker started for itself (a DataLoader's forkserver
+            # context), and its forks: not the node's workers (they have the spawned
+            # warm server's command line too, but their parent is the warm server).
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if b"multiprocessing.forkserver" in cmd and parent not in (root, server):
+                continue
+            found.append(pid)
     return found
 
 

@@ -7,11 +7,12 @@ worker's start-up).
 
 Why it is safe on GPU machines:
 
-- The server is a fresh interpreter (spawned, never forked from the Hydra process),
-  and nothing preloaded initialises CUDA (torch initialises it lazily) or starts a
-  thread: the server has one thread when it forks (``tests/test_orphans.py`` checks).
-- The task's own module is never preloaded: it is imported in each worker, so a
-  module that touches CUDA at import does it in the worker, as under torchrun.
+- A spawned server is a fresh interpreter, and nothing preloaded initialises CUDA
+  (torch initialises it lazily) or starts a thread: the server has one thread when it
+  forks (``tests/test_orphans.py`` checks). A forked server (below) comes only from a
+  process that has no other thread and has not loaded the CUDA driver.
+- A spawned server never imports the task's own module: each worker does, so a module
+  that touches CUDA at import does it in the worker, as under torchrun.
 - The server outlives the job it was started for (later jobs of a multirun reuse
   it), so each worker takes the agent's environment at launch (``adopt_agent_env``)
   and torch's thread count is re-applied.
@@ -22,25 +23,30 @@ worker's death signal (``PR_SET_PDEATHSIG``) is tied to its parent, the server. 
 Hydra process is SIGKILLed (OOM killer, SLURM's final kill, a lost node), the server
 and the workers would keep each other alive for ever, holding their GPUs. So the
 server binds its own life to the Hydra process at preload (the first module it
-imports is this one): the kernel SIGKILLs it when the Hydra process dies, and the
-workers follow (their death signal). The same binding makes the server go at once
-when the Hydra process exits normally, instead of tearing torch down for a second
-while it holds the app's stdout/stderr pipes open.
+imports is this one; a forked server, right after the fork): the kernel SIGKILLs it
+when the Hydra process dies, and the workers follow (their death signal). The same
+binding makes the server go at once when the Hydra process exits normally, instead of
+tearing torch down for a second while it holds the app's stdout/stderr pipes open.
 
 Apps that import torch at module top (most training scripts): the Hydra process has
 already paid for torch, and a spawned server would import it a second time on the node
 (~1.3 s of CPU, more with Lightning). So when torch is in ``sys.modules`` and the Hydra
 process is fork-safe (:func:`fork_unsafe_reason`: on its main thread, no other Python
-thread, no native thread beyond numpy's OpenBLAS pool, which shuts itself down around a
-fork, no CUDA context), the server is a *fork* of the Hydra process made once, at the
-first job's start, before any thread of ours starts; it then imports only what the
-Hydra process lacks. The fork sheds what the Hydra process set up for itself: Python
-signal handlers (submitit's, ours) go back to their defaults (an ignored signal stays
-ignored), buffered output is flushed first so nothing is written twice, and it binds
-its life to the Hydra process as a spawned server does. Otherwise (a thread started at
-import, OpenMP's pool after a parallel torch op, CUDA initialised at import) the server
-is spawned as above, and a log line says why. What the workers then inherit is what
-``start_method=fork`` gives: the app's modules as the Hydra process imported them.
+thread, no native thread once numpy's OpenBLAS pool is stopped as OpenBLAS itself does
+before a fork, the CUDA driver not loaded), the server is a *fork* of the Hydra process
+made once, at the first job's start, before any thread of ours starts; it then imports
+only what the Hydra process lacks. The fork sheds what the Hydra process set up for
+itself: Python signal handlers (submitit's, ours) go back to their defaults (an ignored
+signal stays ignored; signals are blocked across the fork so none runs a parent's handler
+in the child), buffered output is flushed first so nothing is written twice, the root
+logger's handlers go, multiprocessing's forkserver state is a fresh one, and it binds its
+life to the Hydra process as a spawned server does. Otherwise (a thread started at
+import, OpenMP's pool after a parallel torch op, CUDA touched at import) the server is
+spawned as above, and a log line says why. What the workers then inherit is what
+``start_method=fork`` gives: the app's modules as the Hydra process imported them (module
+state computed from the environment at import holds the Hydra process's values;
+Lightning's ``rank_zero_only.rank`` is set right in each worker; ``warm_server=fresh``
+restores torchrun's per-worker imports).
 """
 
 from __future__ import annotations
@@ -51,9 +57,8 @@ import os
 import signal
 import sys
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NoReturn, Optional
 
 from hydra_torchrun_callback._proc import die_with_parent, shield_signals
 from hydra_torchrun_callback._wire.protocol import WARM_PARENT_ENV
@@ -141,32 +146,32 @@ def start_warm(mode: str = "auto") -> Optional[int]:
     already imported here and the fork is safe, "fork" insists (an error says why it
     cannot), "fresh" always spawns. Call it from the main thread: the server's death
     signal is tied to the thread that starts it. A spawned server imports torch in its
-    own process while this one goes on with the job's set-up; a forked one is ready at
-    once. It serves every later job of a multirun.
+    own process while this one goes on with the job's set-up; a forked one only imports
+    what this process lacks. It serves every later job of a multirun (a job asking for
+    the other kind replaces it).
     """
     from multiprocessing import forkserver
 
     running = _running_server()
     if running is not None:
-        return running
+        if mode == "fresh" and running == _forked_pid:
+            _retire_forked_server()
+        elif mode == "fork" and running != _forked_pid:
+            _refuse_fork("an earlier job of this process started a fresh server")
+        else:
+            return running
     if mode != "fresh":
-        why = (
-            "the app did not import torch (nothing to share: the server imports it while "
-            "Hydra sets the job up)"
-            if "torch" not in sys.modules
-            else fork_unsafe_reason()
-        )
+        if mode == "auto" and "torch" not in sys.modules:
+            why: Optional[str] = "the app did not import torch"  # the server imports it
+        else:
+            why = fork_unsafe_reason()
         if why is None:
-            return _fork_server()
+            pid = _fork_server()
+            if pid is not None:
+                return pid
+            why = "os.fork() failed (see the warning above)"
         if mode == "fork":
-            from hydra_torchrun_callback._options import TorchrunOptionError
-
-            raise TorchrunOptionError(
-                "warm_server",
-                "fork",
-                f"this Hydra process cannot be forked safely: {why}",
-                "auto",
-            )
+            _refuse_fork(why)
         if "torch" in sys.modules:
             log.info(
                 "warm start: torch is already imported here, but this process is not safe "
@@ -187,6 +192,14 @@ def start_warm(mode: str = "auto") -> Optional[int]:
     return int(pid) if pid is not None else None
 
 
+def _refuse_fork(why: str) -> None:
+    from hydra_torchrun_callback._options import TorchrunOptionError
+
+    raise TorchrunOptionError(
+        "warm_server", "fork", f"this Hydra process cannot be forked safely: {why}", "auto"
+    )
+
+
 _forked_pid: Optional[int] = None
 
 
@@ -204,16 +217,46 @@ def _running_server() -> Optional[int]:
         return None
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child: the agent, given its server's address
-        return int(pid)
+    except ChildProcessError:  # not our child (the agent, given its server's address),
+        done = 0  # or reaped elsewhere (SIGCHLD ignored, a library's os.wait)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            done = pid
+        except PermissionError:
+            pass
     if not done:
         return int(pid)
-    # Gone (reaped here): forget it as ensure_running does, so that a new one can start.
+    _forget_server()  # gone: as ensure_running does, so that a new one can start
+    return None
+
+
+def _forget_server() -> None:
+    from multiprocessing import forkserver
+
+    global _forked_pid
     server: Any = forkserver._forkserver
     with contextlib.suppress(OSError, TypeError):
         os.close(server._forkserver_alive_fd)
     server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
-    return None
+    _forked_pid = None
+
+
+def _retire_forked_server() -> None:
+    """A job asked for a fresh server: let the forked one go (it exits when its alive
+    pipe closes: the jobs it served are over) and reap it."""
+    import time
+
+    pid = _forked_pid
+    _forget_server()
+    deadline = time.monotonic() + 2.0
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+        except ChildProcessError:
+            break
+        time.sleep(0.01)
 
 
 # -- a server forked from the Hydra process ------------------------------------------------
@@ -222,28 +265,29 @@ def fork_verdict(
     main_thread: bool,
     python_threads: Sequence[str],
     native_threads: int,
-    blas_pool: int,
     cuda: bool,
 ) -> Optional[str]:
     """Why a process in this state must not be forked into the warm server (None: it may).
 
-    ``native_threads`` counts the process's threads besides the main one (``/proc``);
-    ``blas_pool`` is how many of them are OpenBLAS's pool, which stops itself before a
-    fork (``pthread_atfork``) and starts again on first use. Any other thread may hold a
-    lock the fork copies locked (a Python thread, OpenMP's pool after a parallel torch
-    op: a forked child hangs in its next parallel region), and a CUDA context cannot be
-    used in a fork at all."""
+    ``native_threads`` counts the process's threads besides the main one (``/proc``),
+    once OpenBLAS's pthreads pool is stopped (:func:`_quiesce_openblas`). Any other
+    thread may hold a lock the fork copies locked (a Python thread, OpenMP's pool after
+    a parallel torch op: a forked child hangs in its next parallel region), and a
+    process that used the CUDA driver (``torch.cuda.is_available()`` or any CUDA call:
+    ``libcuda`` is loaded) cannot use CUDA in a fork at all."""
     if not main_thread:
         return "the job does not run on the main thread"
     if python_threads:
         return f"Python threads are running: {', '.join(sorted(python_threads))}"
     if cuda:
-        return "CUDA is initialised (torch.cuda.is_initialized())"
-    extra = native_threads - len(python_threads) - blas_pool
-    if extra > 0:
         return (
-            f"{extra} native thread(s) besides OpenBLAS's pool are running (OpenMP's pool "
-            "after a parallel torch op, a CUDA or I/O library's thread)"
+            "CUDA is in use (the CUDA driver is loaded: torch.cuda.is_available(), "
+            "device_count() or a CUDA call at import)"
+        )
+    if native_threads > 0:
+        return (
+            f"{native_threads} native thread(s) are running (OpenMP's pool after a "
+            "parallel torch op, an OpenMP build of OpenBLAS, an I/O library's thread)"
         )
     return None
 
@@ -252,22 +296,24 @@ def fork_unsafe_reason() -> Optional[str]:
     """:func:`fork_verdict` for this process, read from ``threading``, ``/proc`` and torch."""
     main = threading.main_thread()
     others = [t.name for t in threading.enumerate() if t is not main and t.is_alive()]
+    if not hasattr(os, "register_at_fork") or not _forkserver_internals():
+        return "this Python's multiprocessing.forkserver is not the one this was written for"
+    maps = _mapped_libraries()
+    if not others:
+        _quiesce_openblas(maps)
     try:
         native = len(os.listdir("/proc/self/task")) - 1
     except OSError:
         return "/proc/self/task cannot be read (threads unknown)"
     torch_cuda = sys.modules.get("torch.cuda")
-    cuda = False
-    if torch_cuda is not None:
+    cuda = any(os.path.basename(path).startswith("libcuda.so") for path in maps)
+    if torch_cuda is not None and not cuda:
         with contextlib.suppress(Exception):
             cuda = bool(torch_cuda.is_initialized())
-    if not hasattr(os, "register_at_fork") or not _forkserver_internals():
-        return "this Python's multiprocessing.forkserver is not the one this was written for"
     return fork_verdict(
         main_thread=threading.current_thread() is main,
         python_threads=others,
-        native_threads=native,
-        blas_pool=_openblas_pool(),
+        native_threads=native - len(others),
         cuda=cuda,
     )
 
@@ -284,48 +330,52 @@ def _forkserver_internals() -> bool:
     return (
         wanted <= set(fields)
         and "_forkserver_authkey" not in fields
-        and params[:3]
-        == [
-            "listener_fd",
-            "alive_r",
-            "preload",
-        ]
+        and params[:3] == ["listener_fd", "alive_r", "preload"]
     )
 
 
-#: OpenBLAS builds' thread-count getters (plain, 64-bit-int, numpy's scipy-openblas).
-_OPENBLAS_GETTERS = (
-    "openblas_get_num_threads",
-    "openblas_get_num_threads64_",
-    "scipy_openblas_get_num_threads",
-    "scipy_openblas_get_num_threads64_",
-)
-
-
-def _openblas_pool() -> int:
-    """How many pool threads the OpenBLAS libraries loaded here keep (each runs its
-    ``num_threads - 1`` workers beside the calling thread)."""
-    import ctypes
-
+def _mapped_libraries() -> set[str]:
+    """The shared libraries mapped in this process."""
     paths = set()
     with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
         for line in maps:
             path = line.rstrip("\n").split(maxsplit=5)[-1]
-            if "openblas" in os.path.basename(path).lower() and ".so" in path:
+            if ".so" in path:
                 paths.add(path)
-    pool = 0
-    for path in paths:
+    return paths
+
+
+#: OpenBLAS builds' threading-model getters (plain, 64-bit-int, numpy's scipy-openblas):
+#: 0 sequential, 1 pthreads, 2 OpenMP.
+_OPENBLAS_PARALLEL = (
+    "openblas_get_parallel",
+    "openblas_get_parallel64_",
+    "scipy_openblas_get_parallel",
+    "scipy_openblas_get_parallel64_",
+)
+
+
+def _quiesce_openblas(maps: set[str]) -> None:
+    """Stop the pthreads pool of each OpenBLAS loaded here (numpy's), as OpenBLAS's own
+    ``pthread_atfork`` handler does before any fork; its next call starts it again. An
+    OpenMP build is left alone: its threads are OpenMP's, and they make the fork unsafe."""
+    import ctypes
+
+    for path in maps:
+        if "openblas" not in os.path.basename(path).lower():
+            continue
         try:
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
         except OSError:
             continue
-        for name in _OPENBLAS_GETTERS:
-            getter = getattr(lib, name, None)
-            if getter is not None:
-                getter.restype = ctypes.c_int
-                pool += max(int(getter()) - 1, 0)
-                break
-    return pool
+        model = next((getattr(lib, n) for n in _OPENBLAS_PARALLEL if hasattr(lib, n)), None)
+        shutdown = getattr(lib, "blas_thread_shutdown_", None)
+        if model is None or shutdown is None:
+            continue
+        model.restype = ctypes.c_int
+        if int(model()) == 1:
+            shutdown.restype = ctypes.c_int
+            shutdown()
 
 
 def _flush_output() -> None:
@@ -357,31 +407,29 @@ def _default_handlers() -> None:
         signal.set_wakeup_fd(-1)
 
 
-def _drop_log_handlers() -> None:
-    """In the fork: no logging handler of the Hydra process (its console, the job's log
-    file, an app's network handler), as in a fresh server. They are dropped, never
-    flushed or closed here (the Hydra process owns them): the agent sends its records to
-    the Hydra process, and each worker configures its own."""
-    manager = logging.root.manager
-    for logger in [logging.root, *manager.loggerDict.values()]:
-        if isinstance(logger, logging.Logger):
-            logger.handlers.clear()
-    handler_list: Any = getattr(logging, "_handlerList", None)
-    if isinstance(handler_list, list):
-        del handler_list[:]  # logging.shutdown (a worker's dictConfig, exit) skips them
-    handlers: Any = getattr(logging, "_handlers", None)
-    if isinstance(handlers, dict):
-        handlers.clear()
+def _drop_root_handlers() -> None:
+    """In the fork: none of the root logger's handlers (what Hydra configured for this
+    process: its console, the job's log file), as in a fresh server; the agent sends its
+    records to the Hydra process and each worker configures its own. Handlers libraries
+    put on their own loggers at import (torch's, Lightning's) stay, as a fresh worker
+    importing them would have them. Nothing is flushed or closed here: the buffers were
+    written out before the fork."""
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
 
 
-def _fork_server() -> int:
+def _fork_server() -> Optional[int]:
     """Fork this process into multiprocessing's forkserver (what ``ensure_running``
-    spawns), registered where ``ensure_running`` would register a spawned one."""
+    spawns), registered where ``ensure_running`` would register a spawned one; None if
+    the fork failed (no memory for the copy, a pids limit)."""
+    import multiprocessing
     import socket
     from multiprocessing import connection, forkserver, resource_tracker, util
 
     global _forked_pid
     server: Any = forkserver._forkserver
+    # If this server dies, a respawned one preloads the same (never the app's __main__).
+    multiprocessing.set_forkserver_preload(list(WARM_PRELOAD))
     with server._lock:
         resource_tracker.ensure_running()  # its fd is inherited: one tracker for all
         address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
@@ -393,14 +441,24 @@ def _fork_server() -> int:
             alive_r, alive_w = os.pipe()
             parent = os.getpid()
             _flush_output()
-            with warnings.catch_warnings():
-                # 3.12+ warns of any thread at a fork; OpenBLAS's pool is the one
-                # fork_unsafe_reason lets through, and it handles forks itself.
-                warnings.simplefilter("ignore", DeprecationWarning)
+            # No handler of this process may run in the child before it resets them.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
                 pid = os.fork()
-            if pid == 0:  # the server; never returns
-                _serve(listener.fileno(), alive_r, alive_w, parent)
+                if pid == 0:  # the server: never returns
+                    _serve(listener.fileno(), alive_r, alive_w, parent, mask)
+            except OSError as exc:
+                pid = -1
+                log.warning("warm start: could not fork the warm server: %s", exc)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(alive_r)
+            if pid < 0:
+                os.close(alive_w)
+                if not util.is_abstract_socket_namespace(address):
+                    with contextlib.suppress(OSError):
+                        os.unlink(address)
+                return None
         server._forkserver_address = address
         server._forkserver_alive_fd = alive_w
         server._forkserver_pid = pid
@@ -409,20 +467,26 @@ def _fork_server() -> int:
     return pid
 
 
-def _serve(listener_fd: int, alive_r: int, alive_w: int, parent: int) -> None:
+def _serve(
+    listener_fd: int, alive_r: int, alive_w: int, parent: int, mask: Iterable[int]
+) -> NoReturn:
     """The forked server's whole life: bound to the Hydra process, serve forks until
     every holder of the alive pipe is gone (multiprocessing's own loop)."""
     code = 1
     try:
         os.close(alive_w)  # only the Hydra process (and the workers) keep the server up
         _default_handlers()
-        _drop_log_handlers()
         if die_with_parent(parent):
             shield_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _drop_root_handlers()
+        _fresh_forkserver_state()
         from multiprocessing import forkserver
 
         forkserver.main(listener_fd, alive_r, list(WARM_PRELOAD), None, None)
         code = 0
+    except SystemExit as exc:  # how forkserver.main ends: every holder of the pipe gone
+        code = exc.code if isinstance(exc.code, int) else 0
     except BaseException:  # a server's death says why, then ends
         with contextlib.suppress(Exception):
             import traceback
@@ -430,6 +494,17 @@ def _serve(listener_fd: int, alive_r: int, alive_w: int, parent: int) -> None:
             traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _fresh_forkserver_state() -> None:
+    """In the fork: multiprocessing's forkserver state as a fresh interpreter has it (the
+    Hydra process held the lock while it forked; a worker that starts processes with a
+    forkserver context must find it free and start its own server)."""
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver
+    server._lock = threading.Lock()
+    server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
 
 
 bind_to_parent()

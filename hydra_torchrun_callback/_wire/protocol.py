@@ -46,6 +46,7 @@ __all__ = [
     "LOCAL_SLOT_ENV",
     "POINT_FILE",
     "POINT_VALUE_FILE",
+    "QUICK_EXIT_ENV",
     "RECORDS_ENV",
     "REQUEST_ID",
     "RESULT_KEY",
@@ -77,6 +78,9 @@ SECRET_FILE_ENV = "HYDRA_TORCHRUN_SECRET_FILE"
 #: Set by the user: ``0`` keeps the agent in the Hydra process with the warm start (one
 #: more torch import per node; to step through the agent with pdb).
 AGENT_IN_SERVER_ENV = "HYDRA_TORCHRUN_AGENT_IN_SERVER"
+#: "0": the Hydra process that ran the callback exits as Python does by default (see
+#: ``_callback.hooks._quick_exit_at_end``).
+QUICK_EXIT_ENV = "HYDRA_TORCHRUN_QUICK_EXIT"
 #: Hydra process -> workers (the task): the job's run identity, stable across requeues and
 #: resumes (a logger's run id: W&B ``id=``, Lightning's ``version=``).
 RUN_ID_ENV = "HYDRA_TORCHRUN_RUN_ID"

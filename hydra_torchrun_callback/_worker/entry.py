@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -192,6 +192,22 @@ def adopt_agent_env(env: dict[str, str]) -> None:
     for key, value in env.items():
         if key not in _TORCH_WORKER_KEYS:
             os.environ[key] = value
+
+
+def refresh_import_time_ranks(environ: Mapping[str, str]) -> None:
+    """Give libraries that read the rank from the environment at import this worker's.
+
+    A worker forked from a Hydra process that imported them (the app imports Lightning
+    at the top, warm_server=auto) holds that process's reading, rank 0; a worker that
+    imports them itself reads its own. Lightning's ``rank_zero_only.rank`` (shared by
+    lightning, pytorch_lightning and lightning_fabric) is the one in common use: without
+    this, ``@rank_zero_only`` code that runs before the Trainer sets it would run on
+    every rank.
+    """
+    module = sys.modules.get("lightning_utilities.core.rank_zero")
+    rank_zero_only = getattr(module, "rank_zero_only", None)
+    if rank_zero_only is not None and hasattr(rank_zero_only, "rank") and "RANK" in environ:
+        rank_zero_only.rank = int(environ["RANK"])
 
 
 #: How long a raising worker waits before it exits (FAILURE_GRACE_ENV, from the agent:
@@ -381,6 +397,7 @@ def run_worker(payload_bytes: bytes, env: Optional[dict[str, str]] = None) -> Op
     atexit.register(_fast_exit)
     rank = int(os.environ["RANK"])
     adopt_agent_env(env or {})
+    refresh_import_time_ranks(os.environ)
     take_host_slot(os.environ)
     # Before the record exists: a worker the node knows of can always be asked for stacks.
     arm_worker(os.environ.get(RECORDS_ENV), rank)

@@ -8,7 +8,9 @@ the Hydra process unsafe to fork at import: ``TOP_APP_THREAD=1`` starts a Python
 ``TOP_APP_OMP=1`` runs a parallel torch op (OpenMP's pool then runs).
 """
 
+import atexit
 import json
+import multiprocessing
 import os
 import threading
 import time
@@ -26,7 +28,12 @@ if os.environ.get("TOP_APP_THREAD") == "1":
 if os.environ.get("TOP_APP_OMP") == "1":
     _x = torch.randn(1500, 1500)
     _x = _x @ _x
+if os.environ.get("TOP_APP_RANK_AT_IMPORT") == "1":  # what Lightning does at import
+    from lightning_utilities.core.rank_zero import rank_zero_only
 
+    rank_zero_only.rank = int(os.environ.get("RANK", 0))  # type: ignore[attr-defined]
+
+atexit.register(print, "top_import_app: exit handler ran")  # still runs after a quick exit
 # Buffered (stdout is a pipe): the fork must not write it a second time.
 print(f"top_import_app: imported in pid {os.getpid()}")
 
@@ -51,7 +58,18 @@ def main(cfg: DictConfig) -> object:
     parallel = float((big @ big).abs().sum() > 0)  # OpenMP in the worker: no hang
     blas = float(numpy.ones((600, 600)) @ numpy.ones(600) @ numpy.ones(600))
     server = os.getppid()
+    extra = {}
+    if os.environ.get("TOP_APP_RANK_AT_IMPORT") == "1":
+        from lightning_utilities.core.rank_zero import rank_zero_only
+
+        extra["rank_zero_only"] = rank_zero_only.rank  # type: ignore[attr-defined]
+    if os.environ.get("TOP_APP_NESTED") == "1":  # a forkserver context of the task's own
+        child = multiprocessing.get_context("forkserver").Process(target=os.getpid)
+        child.start()
+        child.join(120)
+        extra["nested_exitcode"] = child.exitcode
     record = {
+        **extra,
         "rank": rank,
         "world": dist.get_world_size(),
         "sum": total.item(),
