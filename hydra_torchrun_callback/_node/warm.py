@@ -58,6 +58,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from hydra_torchrun_callback._proc import die_with_parent, shield_signals
@@ -153,6 +154,8 @@ def start_warm(mode: str = "auto") -> Optional[int]:
     from multiprocessing import forkserver
 
     running = _running_server()
+    if running is not None and not _is_child(running):
+        return running  # the agent, given its server: the Hydra process chose its kind
     if running is not None:
         if mode == "fresh" and running == _forked_pid:
             _retire_forked_server()
@@ -229,6 +232,15 @@ def _running_server() -> Optional[int]:
         return int(pid)
     _forget_server()  # gone: as ensure_running does, so that a new one can start
     return None
+
+
+def _is_child(pid: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == (
+            os.getpid()
+        )
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _forget_server() -> None:
@@ -502,9 +514,11 @@ def _fresh_forkserver_state() -> None:
     forkserver context must find it free and start its own server)."""
     from multiprocessing import forkserver
 
+    global _forked_pid
     server: Any = forkserver._forkserver
     server._lock = threading.Lock()
     server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
+    _forked_pid = None
 
 
 bind_to_parent()
