@@ -68,3 +68,9 @@ def describe(python: str) -> str:
     notable = [n for n in NOTABLE if n in names]
     held = ", ".join(notable) + " installed" if notable else f"none of {', '.join(NOTABLE)}"
     return f"`{prefix}`: {count} distributions; {held}"
+
+
+def has(python: str, module: str) -> bool:
+    """Whether the venv's interpreter can import ``module`` (without importing it)."""
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([python, "-c", code], capture_output=True).returncode == 0

@@ -33,13 +33,13 @@ from pathlib import Path
 import steady_state
 from _report import med, phase_table, span, values
 from _runner import HERE, Run, enable_subreaper, free_port, run
-from _venv import VENVS, describe
+from _venv import VENVS, describe, has
 
 FULL = "python benchmarks/launch_overhead.py --reps 5 --extras --slurm --out benchmarks/RESULTS.md"
 #: The app's two shapes: torch imported inside the task (the Hydra process never imports
 #: it), and at module top (most training scripts: the Hydra process imports it first).
-APPS = {"lazy": "bench_app.py", "top": "bench_app_top.py"}
-TOP = ", torch at top"
+APPS = {"lazy": "bench_app.py", "top": "bench_app_top.py", "lightning": "bench_app_lightning.py"}
+NOTES = {"lazy": "", "top": ", torch at top", "lightning": ", Lightning at top"}
 
 
 @dataclass
@@ -233,7 +233,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--shapes",
         default="lazy,top",
-        help="app shapes: lazy (torch imported in the task), top (at module top)",
+        help="app shapes: lazy (torch imported in the task), top (at module top), lightning "
+        "(Lightning at module top, the task uses it; venvs without Lightning skip it)",
     )
     ap.add_argument(
         "--venvs",
@@ -270,13 +271,14 @@ def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
     pythons = {venv: VENVS[venv]() for venv in args.venvs}
     for venv, python in pythons.items():
         suffix = "" if venv == "full" else f" ({venv} venv)"
+        shapes = [s for s in args.shapes if s != "lightning" or has(python, "lightning")]
         for n in args.nprocs:
             g = f"N={n}{suffix}"
             baseline[g] = f"torchrun --standalone N={n}{suffix}"
             row = partial(System, group=g, python=python, x=n)
             plan.append(row(baseline[g], cmds=partial(torchrun, n), kind="torchrun --standalone"))
-            for shape in args.shapes:
-                name = TOP if shape == "top" else ""
+            for shape in shapes:
+                name = NOTES[shape]
                 plan.append(
                     row(
                         f"ours default N={n}{name}{suffix}",
@@ -284,14 +286,14 @@ def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
                         kind=f"ours default{name}",
                     )
                 )
-            if "lazy" in args.shapes:
+            if "lazy" in shapes:
                 plan.append(
                     row(
                         f"ours spawn N={n}{suffix}", cmds=partial(ours, n, SPAWN), kind="ours spawn"
                     )
                 )
-            for shape in args.shapes:
-                name = TOP if shape == "top" else ""
+            for shape in shapes:
+                name = NOTES[shape]
                 plan.append(
                     row(
                         f"ours multirun {jobs} jobs, per job, N={n}{name}{suffix}",
@@ -369,8 +371,9 @@ def render(args: argparse.Namespace, plan: list[System], baseline: dict[str, str
         "App shapes: rows without a note run bench_app.py, which imports torch inside the "
         'task (the Hydra process never imports it); rows marked "torch at top" run '
         "bench_app_top.py, the same app with `import torch` at module top, as most training "
-        "scripts (the Hydra process imports torch before the callback runs). torchrun runs "
-        "body.py either way.",
+        "scripts (the Hydra process imports torch before the callback runs); rows marked "
+        '"Lightning at top" run bench_app_lightning.py (Lightning imported at the top, the '
+        "task uses it). torchrun runs body.py either way.",
         f"Repetitions: {args.reps} per system, run alternately (A B A B ...). "
         "Same body everywhere: init_process_group(gloo), all_reduce(rank), check, destroy. "
         '"ours default" passes no start_method (the callback\'s default); "ours spawn" '
