@@ -93,6 +93,7 @@ def torchrun_nodes(k: int) -> list[list[str]]:
 #: The phases callback first (its start hooks run before the torchrun callback's).
 CALLBACKS = "hydra/callbacks=[phases,torchrun]"
 SPAWN = "hydra.callbacks.torchrun.start_method=spawn"
+FRESH = "hydra.callbacks.torchrun.warm_server=fresh"
 
 
 def ours(n: int, *extra: str, multirun: int = 0, shape: str = "lazy") -> list[list[str]]:
@@ -284,6 +285,14 @@ def make_plan(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
                         f"ours default N={n}{name}{suffix}",
                         cmds=partial(ours, n, shape=shape),
                         kind=f"ours default{name}",
+                    )
+                )
+            if "lightning" in shapes:  # what the fork saves: a fresh server's workers import it
+                plan.append(
+                    row(
+                        f"ours warm_server=fresh N={n}{NOTES['lightning']}{suffix}",
+                        cmds=partial(ours, n, FRESH, shape="lightning"),
+                        kind="ours warm_server=fresh, Lightning at top",
                     )
                 )
             if "lazy" in shapes:

@@ -55,9 +55,10 @@ def test_launch_overhead_harness_quick(tmp_path) -> None:
         assert cells[5] == "0", f"{name} left processes alive:\n{report}"  # left alive
         assert cells[6].endswith("x"), report  # ratio vs torchrun
     phases = report.split("## Where the time goes")[1].split("## Steady state")[0]
-    assert "| phase (s, median) | torchrun --standalone N=2 | ours default N=2 | ours spawn" in (
-        phases
-    )
+    assert (
+        "| phase (s, median) | torchrun --standalone N=2 | ours default N=2 | ours default N=2, "
+        "torch at top | ours spawn"
+    ) in (phases)
     for phase in ("Hydra import + compose", "worker start + imports", "first collective"):
         assert f"| {phase}" in phases, phases
     steady = report.split("## Steady state (DDP step time)")[1]

@@ -39,19 +39,21 @@ only what the Hydra process lacks. The fork sheds what the Hydra process set up 
 itself: Python signal handlers (submitit's, ours) go back to their defaults (an ignored
 signal stays ignored; signals are blocked across the fork so none runs a parent's handler
 in the child), buffered output is flushed first so nothing is written twice, the root
-logger's handlers go, multiprocessing's forkserver state is a fresh one, and it binds its
-life to the Hydra process as a spawned server does. Otherwise (a thread started at
-import, OpenMP's pool after a parallel torch op, CUDA touched at import) the server is
-spawned as above, and a log line says why. What the workers then inherit is what
-``start_method=fork`` gives: the app's modules as the Hydra process imported them (module
-state computed from the environment at import holds the Hydra process's values;
-Lightning's ``rank_zero_only.rank`` is set right in each worker; ``warm_server=fresh``
-restores torchrun's per-worker imports).
+logger's handlers go, multiprocessing's forkserver state is a fresh one, what it
+inherited is frozen out of the garbage collector's reach (``gc.freeze``, as Python's docs
+advise for a fork), and it binds its life to the Hydra process as a spawned server does.
+Otherwise (a thread started at import, OpenMP's pool after a parallel torch op, CUDA
+touched at import) the server is spawned as above, and a log line says why. What the
+workers then inherit is what ``start_method=fork`` gives: the app's modules as the Hydra
+process imported them (module state computed from the environment at import holds the
+Hydra process's values; Lightning's ``rank_zero_only.rank`` is set right in each worker;
+``warm_server=fresh`` restores torchrun's per-worker imports).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -486,6 +488,11 @@ def _serve(
     every holder of the alive pipe is gone (multiprocessing's own loop)."""
     code = 1
     try:
+        # What the Hydra process had (torch, the app's modules, Lightning: millions of
+        # objects) is never garbage here: out of the collector's reach, so that the
+        # collections of the server, the agent and the workers neither walk it nor write
+        # to its pages (a copy of each page touched, instead of one shared copy).
+        gc.freeze()
         os.close(alive_w)  # only the Hydra process (and the workers) keep the server up
         _default_handlers()
         if die_with_parent(parent):
