@@ -192,7 +192,10 @@ class ConfigFiles:
             "CommunicationParameters=NoCtldInAddrAny",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.layout.munge_socket}",
+            # cred_expire: how long slurmd refuses a job id it just killed, and so how long
+            # a requeued job waits before it may start again (120 s by default; a requeue
+            # released sooner dies with "Job credential revoked").
+            f"AuthInfo=socket={self.layout.munge_socket},cred_expire=10",
             "SlurmUser=root",
             "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc",
