@@ -1,5 +1,5 @@
 """Test app for elastic jobs: ``+steps=N`` training steps, one all_reduce every
-``+step_s`` seconds (``+hold_s``: in the first attempt, every rank then sits idle that
+``+step_s`` seconds (``+hold_s``: in the first group, every rank then sits idle that
 long after step 3, in no collective); rank 0 checkpoints the step after each, and a
 re-formed group resumes from that checkpoint, as a real training script does.
 
@@ -43,7 +43,9 @@ def main(cfg: DictConfig) -> dict:
     with open(out / "starts.jsonl", "a") as f:
         f.write(json.dumps(start) + "\n")
     steps, step_s = int(cfg.get("steps", 40)), float(cfg.get("step_s", 0.5))
-    hold_s = float(cfg.get("hold_s", 0)) if start["restart"] == 0 else 0.0
+    # Only the first group holds (a restarted worker's TORCHELASTIC_RESTART_COUNT may still
+    # be 0: an agent restarted for a membership change spends no restart).
+    hold_s = float(cfg.get("hold_s", 0)) if step == 0 else 0.0
     while step < steps:
         if step == 3 and hold_s:
             time.sleep(hold_s)
