@@ -24,7 +24,7 @@ tests/test_sweep_units.py"
 CORE_TESTS="tests/test_single_node.py tests/test_failures.py tests/test_fail_closed.py \
 tests/test_multinode_local.py tests/test_pickling.py tests/test_support.py tests/test_units.py \
 tests/test_stacks.py tests/test_hostile.py tests/test_coordination.py tests/test_torchrun_parity.py \
-tests/test_sweeps.py tests/test_sweep_units.py tests/test_warm_fork.py \
+tests/test_sweeps.py tests/test_sweep_units.py tests/test_warm_fork.py tests/test_elastic.py \
 --deselect tests/test_multinode_local.py::test_lightning_on_two_emulated_nodes"
 OPTUNA_TEST="tests/test_ecosystem.py::test_optuna_study_over_ddp_trials"
 NOVERSIONS="$(printf '\t-%.0s' 1 2 3 4 5 6)"

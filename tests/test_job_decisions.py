@@ -7,13 +7,17 @@ through real stores and nodes; these pin each rule down case by case.
 from __future__ import annotations
 
 from hydra_torchrun_callback._node.job_decisions import (
+    Membership,
     Progress,
     beat_payload,
+    cannot_go_on,
     crash_report,
     failed_node,
+    lost_nodes_error,
     lost_peer,
     nodes_not_done,
     root_candidate,
+    stale_workers,
     stop_for,
     store_lost,
 )
@@ -135,3 +139,53 @@ def test_heartbeat_payload_and_done() -> None:
     assert nodes_not_done(beats, 4) == [1, 3]
     assert failed_node(beats, 4) == {"m": 1}
     assert failed_node({0: {"done": True, "error": None}}, 1) is None
+
+
+# -- elastic jobs (nnodes=MIN:MAX) ---------------------------------------------------------
+def test_a_peer_already_lost_is_not_lost_again() -> None:
+    seen = {1: Progress(7, 0.0), 2: Progress(7, 0.0)}
+    beats = {1: {"beat": 7}, 2: {"beat": 7}}
+    found, _ = lost_peer(beats, seen, 30.0, 30.0, 3, PEER_TIMEOUT, NEVER, known={1})
+    assert found is not None and found.node_rank == 2
+    found, _ = lost_peer(beats, seen, 30.0, 30.0, 3, PEER_TIMEOUT, NEVER, known={1, 2})
+    assert found is None
+
+
+def test_whether_a_job_goes_on_without_its_lost_nodes() -> None:
+    # fixed size (MIN = MAX): any loss ends it, as before
+    assert cannot_go_on([1], 3, 3, 5, 0) == "the job cannot finish"
+    # elastic, enough nodes and restarts left: it goes on
+    assert cannot_go_on([2], 3, 2, 2, 0) is None
+    assert cannot_go_on([1, 2], 3, 1, 2, 1) is None
+    # below MIN
+    why = cannot_go_on([1, 2], 3, 2, 2, 0)
+    assert why is not None and "1 of 3 nodes are left, below nnodes MIN=2" in why
+    # restarts used up (each membership change costs one)
+    why = cannot_go_on([2], 3, 2, 1, 1)
+    assert why is not None and "no restarts are left" in why and "max_restarts=1" in why
+
+
+def test_the_failure_names_every_lost_node() -> None:
+    first = TorchrunJobError(
+        "node 2 stopped sending heartbeats 21s ago (its Hydra/agent process died or hangs): "
+        "the job cannot finish",
+        node="2",
+        node_rank=2,
+    )
+    error = lost_nodes_error(first, [1, 2], "the job cannot finish: 1 of 3 nodes are left")
+    assert str(error) == (
+        "node 2 stopped sending heartbeats 21s ago (its Hydra/agent process died or hangs) "
+        "(lost before: node 1): the job cannot finish: 1 of 3 nodes are left"
+    )
+    assert error.node_rank == 2
+
+
+def test_stale_workers_are_those_of_a_group_that_counts_a_lost_node() -> None:
+    change = Membership(epoch=1, lost=(2,), alive=2, at=100.0, why="node 2 lost")
+    live = [
+        {"pid": 10, "group_world_size": 3, "started": 50.0},  # the old group: stop it
+        {"pid": 11, "group_world_size": 2, "started": 90.0},  # already re-formed by torch
+        {"pid": 12, "group_world_size": 3, "started": 101.0},  # a later group (a new node)
+    ]
+    assert stale_workers(live, change) == [10]
+    assert Membership.from_dict(change.to_dict()) == change

@@ -309,6 +309,23 @@ def test_cluster_placement_and_user_overrides() -> None:
         resolve_placement(parse_options({"nnodes": 3}), STEP, 1)
 
 
+def test_elastic_cluster_placement() -> None:
+    """nnodes=MIN:MAX on a cluster: MAX is the job's tasks, MIN reaches torch, and the
+    rendezvous notices a lost node sooner unless the user said otherwise."""
+    three = {**STEP, "SLURM_STEP_NUM_TASKS": "3"}
+    fixed = resolve_placement(parse_options({}), three, 1)
+    assert (fixed.min_nodes, fixed.max_nodes) == (3, 3)
+    assert "last_call_timeout" not in fixed.rdzv_configs  # torch's defaults, as before
+    p = resolve_placement(parse_options({"nnodes": "2:3"}), three, 1)
+    assert (p.min_nodes, p.max_nodes) == (2, 3)
+    assert p.rdzv_configs["keep_alive_interval"] == 2
+    assert p.rdzv_configs["last_call_timeout"] == 5
+    mine = resolve_placement(
+        parse_options({"nnodes": "1:3", "rdzv_conf": "last_call_timeout=30"}), three, 1
+    )
+    assert mine.min_nodes == 1 and mine.rdzv_configs["last_call_timeout"] == "30"
+
+
 def test_run_ids_differ_per_step_and_hydra_job() -> None:
     """Two srun steps of one allocation, or two Hydra jobs of one srun sweep, never share
     a rendezvous (id or first port)."""

@@ -16,6 +16,12 @@ publishes a lost node as the job's failure; the other nodes watch that one key. 
 watchdog thread per node interrupts the local agent when the job failed elsewhere, so
 no node waits for a collective or rendezvous timeout.
 
+An elastic job (nnodes=MIN:MAX, MIN < MAX) with restarts left takes a lost node as a
+membership change instead: node 0 publishes the nodes that go on (``membership``), and
+every survivor stops its workers of a group that still counts the lost node. Its agent
+sees them fail, spends one of torch's restarts and re-rendezvouses with the survivors, as
+torchrun's would after a failed collective; the agent itself is never signalled.
+
 Split the way torch's dynamic rendezvous is: :class:`JobCoordinator` here connects and
 runs the watchdog; what it knows is a :class:`.job_state.JobState`, what it does on the
 store is :class:`.job_ops.JobOps` (every key is named there), and what it decides is
@@ -25,19 +31,21 @@ store is :class:`.job_ops.JobOps` (every key is named there), and what it decide
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._node import job_decisions as decide
 from hydra_torchrun_callback._node.job_ops import JobOps, initial_keys
 from hydra_torchrun_callback._node.job_state import JobState
 from hydra_torchrun_callback._node.placement import Placement
-from hydra_torchrun_callback._proc import stop_self
+from hydra_torchrun_callback._node.records import NodeRecords
+from hydra_torchrun_callback._proc import descendants, stop_self, worker_root
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError, TorchrunSetupError
 from hydra_torchrun_callback._wire.protocol import JOB_STORE_ENV, SECRET_FILE_ENV, job_prefix
 from hydra_torchrun_callback._wire.store import (
@@ -109,12 +117,21 @@ class JobCoordinator:
         join_timeout: Optional[float] = None,
         abort: Optional[Callable[[TorchrunJobError], None]] = None,
         job_dir: Optional[str] = None,
+        max_restarts: int = 0,
+        records: Optional[NodeRecords] = None,
     ):
-        """``job_dir``: node 0's output dir, the one all nodes of the job work in."""
+        """``job_dir``: node 0's output dir, the one all nodes of the job work in;
+        ``records``: this node's worker records (an elastic job stops stale workers)."""
         assert placement.cluster is not None
         self.node = placement.node_rank
         self.nnodes = placement.max_nodes
+        self.min_nodes = placement.min_nodes
+        self.max_restarts = max_restarts
         self.peer_timeout = peer_timeout
+        self._records = records
+        #: The membership change this node acted on last, and workers it asked to stop.
+        self._epoch = 0
+        self._stopping: Optional[tuple[float, decide.Membership]] = None
         host, port = placement.rdzv_endpoint.rsplit(":", 1)
         candidates = list(ports or placement.store_ports or [int(port)])
         prefix = job_prefix(placement.run_id)
@@ -209,7 +226,9 @@ class JobCoordinator:
         self.state.beats += 1
         states = self._states() if self._states is not None and not self.state.done else None
         self.ops.write_beat(
-            decide.beat_payload(self.state.beats, self.state.done, self.state.outcome, states)
+            decide.beat_payload(
+                self.state.beats, self.state.done, self.state.outcome, states, self._own_restarts()
+            )
         )
 
     def mark_done(self, error: Optional[BaseException] = None) -> None:
@@ -230,10 +249,28 @@ class JobCoordinator:
         while True:
             self.state.peers = self.ops.read_beats()
             missing = decide.nodes_not_done(self.state.peers, self.nnodes)
+            now = time.monotonic()
+            if self.elastic:  # an elastic job may end before node 0 noticed a loss
+                self._lost_at_end(now)
             # A peer already declared lost (its heartbeats stopped) will not say done.
-            if not set(missing) - self.state.lost or time.monotonic() >= deadline:
+            if not set(missing) - self.state.lost or now >= deadline:
                 return missing
             time.sleep(_END_POLL_S)
+
+    def _lost_at_end(self, now: float) -> None:
+        lost, self.state.progress = decide.lost_peer(
+            self.state.peers,
+            self.state.progress,
+            now,
+            0.0,  # a node that never beat was noticed while the job ran
+            self.nnodes,
+            self.peer_timeout,
+            self.never_beat_timeout,
+            known=self.state.lost,
+        )
+        if lost is not None and lost.node_rank is not None:
+            self.state.lost.add(lost.node_rank)
+            self._note_change(lost, sorted(self.state.lost), now, at_end=True)
 
     def failed_node(self) -> Optional[TorchrunJobError]:
         """Node 0, after :meth:`wait_all_done`: the first node whose done beat says it
@@ -298,6 +335,7 @@ class JobCoordinator:
                 failure = self.failure()
                 if self.is_server and beat_due:
                     self.state.peers = self.ops.read_beats()
+                membership = self.ops.membership() if beat_due and self.elastic else None
                 unreachable_since = None
             except Exception as exc:  # the store (node 0) is gone
                 unreachable_since = unreachable_since or now
@@ -309,6 +347,9 @@ class JobCoordinator:
                 assert failure is not None
                 self._abort(failure)
                 return
+            if membership is not None and membership.epoch > self._epoch:
+                self._reform(membership)
+            self._finish_stopping(now)
             if self.is_server and beat_due and self._watch_peers(now, now - started):
                 return
 
@@ -320,8 +361,14 @@ class JobCoordinator:
             node_rank=0,
         )
 
+    @property
+    def elastic(self) -> bool:
+        """nnodes=MIN:MAX with MIN < MAX: a lost node may be a membership change."""
+        return self.min_nodes < self.nnodes
+
     def _watch_peers(self, now: float, running: float) -> bool:
-        """Node 0: declare the first lost peer the job's failure and stop; True if so."""
+        """Node 0: a lost peer is a membership change (elastic, enough nodes and restarts
+        left) or the job's failure, which stops it; True if it stops."""
         lost, self.state.progress = decide.lost_peer(
             self.state.peers,
             self.state.progress,
@@ -330,15 +377,151 @@ class JobCoordinator:
             self.nnodes,
             self.peer_timeout,
             self.never_beat_timeout,
+            known=self.state.lost,
         )
-        if lost is None:
+        if lost is None or lost.node_rank is None:
             return False
-        if lost.node_rank is not None and not self._stop.is_set():
+        gone = sorted(self.state.lost | {lost.node_rank})
+        why = decide.cannot_go_on(
+            gone, self.nnodes, self.min_nodes, self.max_restarts, self._restarts_used()
+        )
+        if why is not None and self.elastic and self._reformed(len(gone), lost.node_rank, now):
+            why = None  # torch's agents re-formed the group without it already
+        if not self._stop.is_set():
             self.state.lost.add(lost.node_rank)
+        if why is None:
+            membership = self._note_change(lost, gone, now)
+            with contextlib.suppress(Exception):
+                self.ops.publish_membership(membership)
+            self._reform(membership)
+            return False
+        failure = decide.lost_nodes_error(lost, gone, why) if self.elastic else lost
         with contextlib.suppress(Exception):
-            self.report_failure(lost)
-        self._abort(lost)
+            self.report_failure(failure)
+        self._abort(failure)
         return True
+
+    def _note_change(
+        self, lost: TorchrunJobError, gone: Sequence[int], now: float, at_end: bool = False
+    ) -> decide.Membership:
+        """Node 0: log and keep (for the summary) a membership change."""
+        membership = decide.Membership(
+            epoch=len(gone),
+            lost=tuple(gone),
+            alive=self.nnodes - len(gone),
+            at=time.time(),
+            why=str(lost).rsplit(": the job cannot finish", 1)[0],
+        )
+        if at_end:
+            log.warning("elastic: %s (the job had ended without it)", membership.why)
+        else:
+            log.warning(
+                "elastic: %s; going on with %d of %d nodes (nnodes=%d:%d, restarts used "
+                "so far: %d of max_restarts=%d)",
+                membership.why,
+                membership.alive,
+                self.nnodes,
+                self.min_nodes,
+                self.nnodes,
+                self._restarts_used(),
+                self.max_restarts,
+            )
+        last = self.state.progress.get(-1 if lost.node_rank is None else lost.node_rank)
+        silent = now - last.since if last is not None else self.peer_timeout
+        self.state.changes.append({**membership.to_dict(), "silent_since": membership.at - silent})
+        return membership
+
+    def elastic_status(self, nproc_per_node: int) -> tuple[int, str]:
+        """The job's world size now and, for an elastic job, its membership line
+        ("elastic: 2 of 3 nodes, attempt 2/3"), for the heartbeat and the summary."""
+        alive = self.nnodes - len(self.state.lost)
+        if not self.elastic:
+            return alive * nproc_per_node, ""
+        return alive * nproc_per_node, (
+            f"elastic: {alive} of {self.nnodes} nodes, "
+            f"attempt {self._restarts_used() + 1}/{self.max_restarts + 1}"
+        )
+
+    def membership_history(self) -> dict[str, Any]:
+        """Node 0: the elastic job's node range and each membership change, with the time
+        it cost: from the lost node's last heartbeat to this node's workers of the
+        re-formed group starting (None if they never did)."""
+        starts = self._records.records() if self._records is not None else []
+        changes = []
+        for change in self.state.changes:
+            resumed = [
+                float(r["started"])
+                for r in starts
+                if int(r.get("group_world_size", 0)) == change["alive"]
+                and float(r["started"]) > change["silent_since"]
+            ]
+            lost_s = round(min(resumed) - change["silent_since"], 1) if resumed else None
+            changes.append({**change, "lost_s": lost_s})
+        return {"nnodes": f"{self.min_nodes}:{self.nnodes}", "changes": changes}
+
+    def _reformed(self, gone: int, peer: int, now: float) -> bool:
+        """Node 0: whether its workers already run in a group without the lost nodes,
+        started after ``peer`` fell silent (a collective failed and torch re-formed it)."""
+        if self._records is None:
+            return False
+        last = self.state.progress.get(peer)
+        silent_since = time.time() - (now - last.since) if last is not None else time.time()
+        return any(
+            int(r.get("group_world_size", 0)) <= self.nnodes - gone
+            and float(r.get("started", 0.0)) > silent_since
+            for r in self._records.live()
+        )
+
+    def _own_restarts(self) -> int:
+        """Restarts this node's agent made so far (its workers' latest attempt)."""
+        if self._records is None or not self.elastic:
+            return 0
+        return max((int(r.get("attempt", 0)) for r in self._records.records()), default=0)
+
+    def _restarts_used(self) -> int:
+        """Node 0: the most restarts any live node's agent made (each agent has its own
+        ``max_restarts``; a membership change torch saw on a healthy agent costs none)."""
+        peers = [
+            int(beat.get("restarts", 0))
+            for node, beat in list(self.state.peers.items())
+            if node not in self.state.lost and node != self.node
+        ]
+        return max([self._own_restarts(), *peers])
+
+    def _reform(self, membership: decide.Membership) -> None:
+        """Stop this node's workers of a group that still counts a lost node: its agent
+        sees them fail and re-rendezvouses with the survivors (SIGTERM: each rank's stack
+        is dumped on the way out; SIGKILL 5 s later for one that ignores it)."""
+        self._epoch = membership.epoch
+        self.state.lost.update(membership.lost)
+        stale = self._signal_stale(membership, signal.SIGTERM)
+        if stale:
+            log.warning(
+                "elastic: node%s %s lost: stopping this node's workers (pids %s) to re-form "
+                "the group with %d nodes",
+                "s" if len(membership.lost) > 1 else "",
+                ", ".join(str(n) for n in membership.lost),
+                ", ".join(str(p) for p in stale),
+                membership.alive,
+            )
+            self._stopping = (time.monotonic() + 5.0, membership)
+
+    def _signal_stale(self, membership: decide.Membership, signum: int) -> list[int]:
+        """Signal this node's running workers of a group that counts a lost node."""
+        if self._records is None:
+            return []
+        ours = set(descendants(worker_root()))
+        stale = [p for p in decide.stale_workers(self._records.live(), membership) if p in ours]
+        for pid in stale:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        return stale
+
+    def _finish_stopping(self, now: float) -> None:
+        if self._stopping is None or now < self._stopping[0]:
+            return
+        membership, self._stopping = self._stopping[1], None
+        self._signal_stale(membership, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop watching; node 0's store closes now (not at some garbage collection), so

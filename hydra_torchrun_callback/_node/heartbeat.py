@@ -8,6 +8,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Optional
 
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._report.frames import rank_ranges
@@ -21,24 +22,33 @@ class Heartbeat:
     """Log, every ``interval`` seconds, which ranks are alive (a one-line report)."""
 
     def __init__(
-        self, interval: float, world_size: int, states: Callable[[], Mapping[int, str]]
+        self,
+        interval: float,
+        world_size: int,
+        states: Callable[[], Mapping[int, str]],
+        elastic: Optional[Callable[[], tuple[int, str]]] = None,
     ) -> None:
+        """``elastic``: an elastic job's current world size and membership line."""
         self.interval = interval
         self.world_size = world_size
         self.states = states
+        self.elastic = elastic
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="torchrun-heartbeat", daemon=True)
 
     def line(self) -> str:
-        states = self.states()
+        world, membership = self.elastic() if self.elastic else (self.world_size, "")
+        states = {r: s for r, s in self.states().items() if r < world}
         alive = [r for r, state in states.items() if state == "alive"]
         ended = [r for r, state in states.items() if state == "ended"]
-        starting = [r for r in range(self.world_size) if states.get(r, "starting") == "starting"]
+        starting = [r for r in range(world) if states.get(r, "starting") == "starting"]
         text = (
-            f"torchrun heartbeat: {len(alive)}/{self.world_size} ranks alive "
+            f"torchrun heartbeat: {len(alive)}/{world} ranks alive "
             f"[{rank_ranges(alive)}] after {time.monotonic() - self.started:.0f}s"
         )
+        if membership:
+            text += f"; {membership}"
         if starting:
             text += f"; starting: [{rank_ranges(starting)}]"
         if ended:

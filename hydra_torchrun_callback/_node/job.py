@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import sys
@@ -33,6 +34,7 @@ from hydra_torchrun_callback._result import TorchrunJobError, TorchrunSetupError
 if TYPE_CHECKING:  # imported where a node runs, lazily, as in the functions below
     from hydra_torchrun_callback._node.coordinator import JobCoordinator, StacksRelay
     from hydra_torchrun_callback._node.placement import Placement
+    from hydra_torchrun_callback._node.records import NodeRecords
 
 __all__ = [
     "NodeJob",
@@ -121,6 +123,8 @@ class JobReport:
         self.rows: list[dict[str, Any]] = []
         self.missing_nodes: list[int] = []
         self.error: Optional[BaseException] = None
+        #: An elastic job's membership changes (node 0, from its coordinator).
+        self.elastic: Optional[dict[str, Any]] = None
 
     def publish(self, output_dir: str) -> None:
         """Log the table and save the JSON (nothing when no worker started)."""
@@ -141,6 +145,7 @@ class JobReport:
             wall_s=time.time() - self.started,
             error=self.error,
             missing_nodes=self.missing_nodes,
+            elastic=self.elastic,
         )
         log.info("%s", render_table(summary))
         write_summary(summary, output_dir)
@@ -294,17 +299,25 @@ def run_node(job: NodeJob, adopt: Callable[[str, str], bool]) -> Optional[bytes]
 
 
 def _heartbeat(
-    opts: Options, placement: Placement, states: Callable[[], Mapping[int, str]]
+    opts: Options,
+    placement: Placement,
+    states: Callable[[], Mapping[int, str]],
+    coord: Optional[JobCoordinator] = None,
 ) -> contextlib.AbstractContextManager[Any]:
     if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
         return contextlib.nullcontext()
     from hydra_torchrun_callback._node.heartbeat import Heartbeat
 
     world = placement.max_nodes * placement.nproc_per_node
-    return Heartbeat(opts.heartbeat_interval, world, states)
+    elastic = None
+    if coord is not None and coord.elastic:
+        elastic = functools.partial(coord.elastic_status, placement.nproc_per_node)
+    return Heartbeat(opts.heartbeat_interval, world, states, elastic)
 
 
-def _join_job_store(opts: Options, placement: Placement, output_dir: str) -> JobCoordinator:
+def _join_job_store(
+    opts: Options, placement: Placement, output_dir: str, records: NodeRecords
+) -> JobCoordinator:
     """This node's handle on the job's store (node 0 hosts it, with its output dir)."""
     from hydra_torchrun_callback._node.coordinator import JobCoordinator
     from hydra_torchrun_callback._wire.store import SecretError, load_secret
@@ -316,7 +329,13 @@ def _join_job_store(opts: Options, placement: Placement, output_dir: str) -> Job
     # A node that never beats counts as lost after torch's rendezvous join timeout.
     join_timeout = float(str(placement.rdzv_configs.get("join_timeout", 600)))
     return JobCoordinator(
-        placement, opts.peer_timeout, secret, join_timeout=join_timeout, job_dir=output_dir
+        placement,
+        opts.peer_timeout,
+        secret,
+        join_timeout=join_timeout,
+        job_dir=output_dir,
+        max_restarts=opts.max_restarts,
+        records=records,
     )
 
 
@@ -332,7 +351,7 @@ def _run_multinode(
     from hydra_torchrun_callback._node.agent import launch
     from hydra_torchrun_callback._node.coordinator import StacksRelay
 
-    coord = _join_job_store(opts, placement, output_dir)
+    coord = _join_job_store(opts, placement, output_dir, report.records)
     placement = coord.placement  # with the port the job's store was found on
     node0 = placement.node_rank == 0
     job_dir = coord.ops.job_dir()
@@ -361,7 +380,7 @@ def _run_multinode(
     try:
         try:
             with (
-                _heartbeat(opts, placement, states),
+                _heartbeat(opts, placement, states, coord),
                 _stack_service(output_dir, placement, report, StacksRelay(coord)),
             ):
                 data = launch(opts, placement, payload, coord, records).rank0_payload
@@ -397,4 +416,6 @@ def _run_multinode(
             )
         return data
     finally:
+        if node0 and coord.elastic:
+            report.elastic = coord.membership_history()
         coord.close()

@@ -10,20 +10,24 @@ jobs get one place to go. :mod:`.coordinator` reads the store (through
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from hydra_torchrun_callback._result import TorchrunJobError, is_crash
 
 __all__ = [
+    "Membership",
     "Progress",
     "beat_payload",
+    "cannot_go_on",
     "crash_report",
     "failed_node",
+    "lost_nodes_error",
     "lost_peer",
     "nodes_not_done",
     "root_candidate",
+    "stale_workers",
     "stop_for",
     "store_lost",
 ]
@@ -40,12 +44,52 @@ class Progress:
     since: float
 
 
+@dataclass(frozen=True)
+class Membership:
+    """An elastic job's nodes after a loss, as node 0 decided and published it.
+
+    ``alive`` nodes go on; every node stops its workers of a group that still counts more
+    nodes (started before ``at``, the wall-clock time of the decision), so that torch's
+    agents re-rendezvous with the survivors even where no collective failed."""
+
+    epoch: int
+    lost: tuple[int, ...]
+    alive: int
+    at: float
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "lost": list(self.lost),
+            "alive": self.alive,
+            "at": self.at,
+            "why": self.why,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Membership:
+        return cls(
+            epoch=int(data["epoch"]),
+            lost=tuple(int(n) for n in data["lost"]),
+            alive=int(data["alive"]),
+            at=float(data["at"]),
+            why=str(data["why"]),
+        )
+
+
 def beat_payload(
-    beats: int, done: bool, outcome: Optional[dict[str, Any]], states: Optional[Mapping[int, str]]
+    beats: int,
+    done: bool,
+    outcome: Optional[dict[str, Any]],
+    states: Optional[Mapping[int, str]],
+    restarts: int = 0,
 ) -> dict[str, Any]:
     """This node's heartbeat: a count that only grows, whether it is done (and how it
-    ended), and its ranks' states while it runs."""
+    ended), its ranks' states while it runs, and how many restarts its agent made."""
     beat: dict[str, Any] = {"beat": beats, "done": done}
+    if restarts:
+        beat["restarts"] = restarts
     if done:
         beat["error"] = outcome
     elif states is not None:
@@ -61,15 +105,19 @@ def lost_peer(
     nnodes: int,
     peer_timeout: float,
     never_beat_timeout: float,
+    known: Collection[int] = (),
 ) -> tuple[Optional[TorchrunJobError], dict[int, Progress]]:
     """Node 0: the first peer whose heartbeat stopped (or never started in time), and
-    the progress table updated with the beats just read.
+    the progress table updated with the beats just read; peers in ``known`` were
+    declared lost already.
 
     A forged, unreadable or replayed (older) beat counts as no beat: only a higher count
     than seen before is progress, so it cannot hide a lost node. A peer that said done
     is never lost."""
     table = dict(seen)
     for peer in range(1, nnodes):
+        if peer in known:
+            continue
         last = table.get(peer, Progress(-1, now))
         beat = beats.get(peer)
         if beat is not None and beat.get("done"):
@@ -98,6 +146,52 @@ def lost_peer(
                 table,
             )
     return None, table
+
+
+def cannot_go_on(
+    lost: Collection[int], nnodes: int, min_nodes: int, max_restarts: int, restarts_used: int
+) -> Optional[str]:
+    """Why the job cannot go on without its ``lost`` nodes; None when an elastic job
+    (nnodes=MIN:MAX) re-forms with the survivors.
+
+    Each membership change costs every survivor one of torch's ``max_restarts`` (its
+    workers fail or are stopped), as under torchrun."""
+    alive = nnodes - len(lost)
+    if min_nodes >= nnodes:
+        return "the job cannot finish"
+    if alive < min_nodes:
+        return (
+            f"the job cannot finish: {alive} of {nnodes} nodes are left, below "
+            f"nnodes MIN={min_nodes}"
+        )
+    if restarts_used >= max_restarts:
+        return (
+            f"the job cannot finish: no restarts are left to re-form it without "
+            f"{'them' if len(lost) > 1 else 'it'} (max_restarts={max_restarts}, "
+            f"{restarts_used} used)"
+        )
+    return None
+
+
+def lost_nodes_error(first: TorchrunJobError, lost: Sequence[int], why: str) -> TorchrunJobError:
+    """The job's failure for ``lost`` nodes (``first``: how the last of them was lost)."""
+    text = str(first).rsplit(": the job cannot finish", 1)[0]
+    earlier = [n for n in lost if n != first.node_rank]
+    if earlier:
+        text += f" (lost before: node{'s' if len(earlier) > 1 else ''} "
+        text += ", ".join(str(n) for n in earlier) + ")"
+    return TorchrunJobError(f"{text}: {why}", node=first.node, node_rank=first.node_rank)
+
+
+def stale_workers(live: Iterable[Mapping[str, Any]], membership: Membership) -> list[int]:
+    """Pids of this node's running workers whose group still counts a lost node: started
+    before the loss was decided, in a group of more nodes than are alive."""
+    return [
+        int(r["pid"])
+        for r in live
+        if int(r.get("group_world_size", 1)) > membership.alive
+        and float(r.get("started", 0.0)) < membership.at
+    ]
 
 
 def store_lost(unreachable_since: Optional[float], now: float, peer_timeout: float) -> bool:

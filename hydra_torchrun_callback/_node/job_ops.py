@@ -17,6 +17,7 @@ key                       what
 ``stacks/count``          number of stack requests relayed by node 0
 ``stacks/<n>``            the n-th request's id
 ``jobdir``                node 0's output dir, where every node works
+``membership``            an elastic job's nodes after a loss (JSON, written by node 0)
 ========================  ============================================================
 """
 
@@ -26,12 +27,14 @@ import contextlib
 import json
 from typing import Any, Optional
 
+from hydra_torchrun_callback._node.job_decisions import Membership
 from hydra_torchrun_callback._result import FailureRecord, TorchrunJobError
 from hydra_torchrun_callback._wire.protocol import (
     FAILURE_KEY,
     FIRST_FAILED_KEY,
     FIRST_FAILURE_KEY,
     JOBDIR_KEY,
+    MEMBERSHIP_KEY,
     RESULT_KEY,
     STACKS_COUNT_KEY,
     heartbeat_key,
@@ -54,6 +57,7 @@ def initial_keys(nnodes: int, job_dir: Optional[str]) -> dict[str, bytes]:
         heartbeat_key(n): json.dumps({"beat": 0, "done": False}).encode() for n in range(nnodes)
     }
     initial[FAILURE_KEY] = NO_FAILURE
+    initial[MEMBERSHIP_KEY] = b"null"  # present, so every node reads it in one round trip
     if job_dir:
         initial[JOBDIR_KEY] = job_dir.encode()
     return initial
@@ -128,6 +132,21 @@ class JobOps:
                 with contextlib.suppress(ValueError):
                     beats[node] = json.loads(payload)
         return beats
+
+    # -- membership (elastic jobs) -------------------------------------------------------
+    def publish_membership(self, membership: Membership) -> None:
+        """Node 0: the nodes that go on after a loss (each node reads it every second)."""
+        self.js.set_json(MEMBERSHIP_KEY, membership.to_dict())
+
+    def membership(self) -> Optional[Membership]:
+        """The latest membership change; None before any (or forged, or unreadable).
+        Raises when the store cannot be reached."""
+        payload = self.js.get_present(MEMBERSHIP_KEY)
+        try:
+            data = json.loads(payload) if payload else None
+            return Membership.from_dict(data) if isinstance(data, dict) else None
+        except (KeyError, TypeError, ValueError):
+            return None
 
     # -- what the job produced ---------------------------------------------------------
     def job_dir(self) -> Optional[str]:

@@ -34,14 +34,17 @@ class JobState:
     progress: dict[int, Progress] = field(default_factory=dict)
     #: Node 0: peers its watchdog declared lost (they will not say done).
     lost: set[int] = field(default_factory=set)
+    #: Node 0: an elastic job's membership changes, oldest first (see Membership), each
+    #: with ``silent_since``: the wall-clock time of the lost node's last heartbeat.
+    changes: list[dict[str, Any]] = field(default_factory=list)
     #: Why this node's agent was interrupted, once it was (a failure elsewhere).
     abort_reason: Optional[TorchrunJobError] = None
 
     def states_elsewhere(self) -> dict[int, str]:
-        """Rank states the other nodes last published."""
+        """Rank states the other nodes last published (lost nodes' left out)."""
         states: dict[int, str] = {}
         for peer, beat in list(self.peers.items()):
-            if peer != self.node:
+            if peer != self.node and peer not in self.lost:
                 published = beat.get("states") or {}
                 states.update({int(rank): str(state) for rank, state in published.items()})
         return states

@@ -33,6 +33,15 @@ __all__ = [
     "task_cpus",
 ]
 
+#: rdzv_conf defaults of an elastic job (nnodes=MIN:MAX, MIN < MAX) on a cluster: how fast
+#: a lost node is noticed by torch's rendezvous, and how long a round waits for more nodes
+#: once MIN are there (torch's defaults: 5 s x 3 and 30 s).
+ELASTIC_RDZV_DEFAULTS: dict[str, object] = {
+    "keep_alive_interval": 2,
+    "keep_alive_max_attempt": 3,
+    "last_call_timeout": 5,
+}
+
 DEFAULT_STATIC_PORT = 29500
 
 
@@ -636,14 +645,28 @@ def _cluster_placement(
             fix="leave nnodes unset under SLURM/submitit, or ask the launcher for that many "
             "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node)",
         )
+    min_nodes = task.num_tasks if opts.min_nodes is None else opts.min_nodes
+    if not 1 <= min_nodes <= task.num_tasks:
+        raise TorchrunOptionError(
+            "nnodes",
+            f"{opts.min_nodes}:{opts.max_nodes}",
+            f"MIN must be between 1 and the job's {task.num_tasks} tasks",
+            f"1:{task.num_tasks}",
+        )
     run_id = opts.rdzv_id or task.run_key(job_num)
     ports = job_store_ports(opts.master_port, run_id)
     host = opts.master_addr or task.master_addr
     configs: dict[str, object] = dict(opts.rdzv_configs)
     # Node 0's Hydra process hosts the job's store itself; every agent joins it as a client.
     configs["is_host"] = False
+    if min_nodes < task.num_tasks:
+        # Elastic: survivors re-form the group once a lost node's rendezvous keep-alive
+        # has expired (2 s x 3 here, 5 s x 3 in torch) and after last_call (30 s in
+        # torch): recovery in about 15 s instead of 50 s. What the user set wins.
+        for key, value in ELASTIC_RDZV_DEFAULTS.items():
+            configs.setdefault(key, value)
     return Placement(
-        min_nodes=task.num_tasks,
+        min_nodes=min_nodes,
         max_nodes=task.num_tasks,
         node_rank=task.task_rank,
         nproc_per_node=nproc_per_node,

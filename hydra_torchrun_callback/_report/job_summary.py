@@ -36,8 +36,10 @@ def build_summary(
     wall_s: float,
     error: Optional[BaseException] = None,
     missing_nodes: Iterable[int] = (),
+    elastic: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """The JSON-ready summary; the root cause's row is marked."""
+    """The JSON-ready summary; the root cause's row is marked. ``elastic``: an elastic
+    job's node range and membership changes (see ``JobCoordinator.membership_history``)."""
     ordered = sorted(rows, key=lambda r: r["rank"])
     root_rank = getattr(error, "rank", None)
     # An exception may have no message at all (torch's RendezvousClosedError()).
@@ -53,7 +55,7 @@ def build_summary(
         status = "INTERRUPTED"
     else:
         status = "FAILED"
-    return {
+    summary = {
         "status": status,
         "run_id": run_id,
         "nnodes": nnodes,
@@ -65,6 +67,9 @@ def build_summary(
         "missing_nodes": sorted(missing_nodes),
         "ranks": ordered,
     }
+    if elastic is not None:
+        summary["elastic"] = dict(elastic)
+    return summary
 
 
 def error_line(row: Mapping[str, Any]) -> str:
@@ -148,6 +153,15 @@ def render_table(summary: Mapping[str, Any]) -> str:
                     f"rank {row['rank']} attempt {past['attempt']} (pid {past['pid']}): "
                     f"{clip(_status_cell(past), 40)} after {past['wall_s']:.1f}s, restarted"
                 )
+    elastic = summary.get("elastic") or {}
+    for change in elastic.get("changes", ()):
+        lost = ", ".join(str(n) for n in change["lost"])
+        back = change.get("lost_s")
+        out.append(
+            f"elastic (nnodes={elastic['nnodes']}): {change['why']}; went on with "
+            f"{change['alive']} of {summary['nnodes']} nodes (lost: {lost})"
+            + (f", training again {back:.1f}s after its last heartbeat" if back else "")
+        )
     if summary["missing_nodes"]:
         out.append(f"nodes {summary['missing_nodes']} sent no report (lost before the end)")
     if summary["root_cause"] and summary["root_cause_rank"] is None:

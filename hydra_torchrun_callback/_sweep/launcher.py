@@ -283,7 +283,10 @@ class SweepRun:
             try:
                 return item.job.results()[0]
             except Exception as exc:  # UncompletedJobError, FailedJobError, ...
-                return self._lost(item, exc)
+                # An elastic job that went on without a lost task: task 0 (node 0) returns
+                # only when the job completed, and its JobReturn is the job's.
+                value = _task0_result(item.job)
+                return value if value is not None else self._lost(item, exc)
         try:
             item.job.wait()
         except Exception as exc:
@@ -436,3 +439,13 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _task0_result(job: Any) -> Any:
+    """Task 0's JobReturn of a multi-task job, None when it has none."""
+    try:
+        if int(getattr(job, "num_tasks", 1)) < 2:
+            return None
+        return job.task(0).result()
+    except Exception:
+        return None

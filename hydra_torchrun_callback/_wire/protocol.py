@@ -147,6 +147,8 @@ FIRST_FAILURE_KEY = "first_failure"
 RESULT_KEY = "result"
 #: Node 0's output dir, where every node of the job works.
 JOBDIR_KEY = "jobdir"
+#: An elastic job's nodes after its latest loss (JSON: epoch, lost, alive, at, why).
+MEMBERSHIP_KEY = "membership"
 #: The number of stack requests node 0 relayed.
 STACKS_COUNT_KEY = "stacks/count"
 

@@ -35,6 +35,9 @@ class WorkerRecord:
             "local_rank": int(env.get("LOCAL_RANK", 0)),
             "pid": os.getpid(),
             "attempt": int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            # How many nodes its group had: an elastic job's survivors stop a group that
+            # still counts a lost node.
+            "group_world_size": int(env.get("GROUP_WORLD_SIZE", 1)),
             "started": time.time(),
             # faulthandler names threads by this ident: it finds the main thread's frames.
             "main_thread": threading.main_thread().ident,

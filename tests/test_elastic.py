@@ -1,0 +1,229 @@
+"""Elastic jobs on emulated nodes (submitit_local, one task = one node, 3 nodes): a lost
+node is a membership change when nnodes=MIN:MAX leaves room and restarts are left.
+
+Each test runs the real thing: three Hydra processes, their agents and gloo workers that
+train in steps and checkpoint; a node is lost by SIGKILLing its whole task (the Hydra
+process, its warm server, agent and worker at once). Recovery times are printed (-s); the
+benchmark that reports them is benchmarks/elastic_recovery.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import app_env, left_behind, start_app
+
+LOCAL3 = [
+    "hydra/launcher=submitit_local",
+    "hydra.launcher.tasks_per_node=3",
+    "hydra.launcher.timeout_min=60",
+    "hydra.callbacks.torchrun.nproc_per_node=1",
+]
+RECOVERY: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Any:
+    yield
+    print("\nelastic recovery (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in RECOVERY.items()))
+
+
+def start(tmp_path: Path, tag: str, *overrides: str) -> subprocess.Popen[str]:
+    return start_app(
+        tmp_path,
+        *LOCAL3,
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        "+hydra.callbacks.recorder._target_=recorder.Recorder",
+        f"+hydra.callbacks.recorder.path={tmp_path / 'recorder.jsonl'}",
+        *overrides,
+        script="elastic_app.py",
+        multirun=True,
+        env=app_env(HTR_TEST_TAG=tag),
+    )
+
+
+def starts(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "multi" / "0" / "starts.jsonl"
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # being written
+            found.append(json.loads(line))
+    return found
+
+
+def step(tmp_path: Path) -> int:
+    try:
+        return int(json.loads((tmp_path / "multi" / "0" / "ckpt.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(cond: Any, timeout: float, what: str, proc: subprocess.Popen[str]) -> float:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the job ended while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def lose_node(hydra_pid: int) -> None:
+    """SIGKILL a node's whole task at once: its Hydra process and every descendant."""
+    from hydra_torchrun_callback._proc import descendants
+
+    for pid in [hydra_pid, *descendants(hydra_pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def training(tmp_path: Path, proc: subprocess.Popen[str], nodes: int) -> dict[int, int]:
+    """Wait for the first group (``nodes`` workers) to train; node -> its Hydra pid."""
+    wait_for(lambda: len(starts(tmp_path)) >= nodes and step(tmp_path) >= 2, 180, "training", proc)
+    return {s["node"]: s["hydra_pid"] for s in starts(tmp_path) if s["restart"] == 0}
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return out
+
+
+def logs(tmp_path: Path) -> str:
+    """Every node's log: the Hydra job logs and submitit's task logs."""
+    multi = tmp_path / "multi"
+    return "\n".join(
+        p.read_text(errors="replace")
+        for pattern in ("**/*.log", "**/*.out", "**/*.err")
+        for p in sorted(multi.glob(pattern))
+    )
+
+
+def node0_record(tmp_path: Path) -> dict[str, Any]:
+    records = [json.loads(x) for x in (tmp_path / "recorder.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["value"] is not None or r["status"] == "FAILED")
+
+
+@pytest.mark.parametrize(
+    "survivors",
+    [
+        # The survivors' workers are in an all_reduce with the lost one: gloo fails them
+        # at once, and torch's agents re-rendezvous by themselves.
+        pytest.param("in_collective", id="survivors-in-collective"),
+        # The survivors sit idle (no collective): nothing fails on them; node 0 sees the
+        # node's heartbeats stop and every survivor stops its workers of the old group.
+        pytest.param("idle", id="survivors-idle"),
+    ],
+)
+def test_lost_node_is_a_membership_change(tmp_path: Path, survivors: str) -> None:
+    tag = uuid.uuid4().hex
+    hold = ["+hold_s=600"] if survivors == "idle" else []
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.max_restarts=2",
+        "hydra.callbacks.torchrun.heartbeat_interval=1",
+        "+steps=40",
+        "+step_s=0.5",
+        *hold,
+    )
+    pids = training(tmp_path, proc, 3)
+    if survivors == "idle":
+        wait_for(lambda: step(tmp_path) >= 3, 60, "step 3", proc)
+    lost_at = time.monotonic()
+    lose_node(pids[2])
+    back = wait_for(
+        lambda: any(s["world"] == 2 for s in starts(tmp_path)), 120, "the re-formed group", proc
+    )
+    out = finish(proc)
+    RECOVERY[f"node 2 of 3 lost, survivors {survivors}"] = back - lost_at
+    assert proc.returncode == 0, out[-4000:]
+    second = [s for s in starts(tmp_path) if s["world"] == 2]
+    # Both survivors restarted their workers, with new ranks, from the checkpoint.
+    assert sorted(s["node"] for s in second) == [0, 1]
+    assert sorted(s["rank"] for s in second) == [0, 1]
+    assert all(s["resumed_at"] >= 2 for s in second)
+    # A failed worker costs its agent a restart; an agent that re-rendezvoused because
+    # another node asked to (torch's num_nodes_waiting) spends none, as under torchrun.
+    assert max(s["restart"] for s in second) >= 1
+    record = node0_record(tmp_path)
+    assert record["status"] == "COMPLETED", record
+    assert record["value"]["world"] == 2 and record["value"]["resumed_at"] >= 2
+    text = logs(tmp_path)
+    assert "elastic: node 2 stopped sending heartbeats" in text
+    assert "going on with 2 of 3 nodes (nnodes=2:3, restarts used so far" in text
+    assert re.search(r"2/2 ranks alive \[0-1\] .*; elastic: 2 of 3 nodes, attempt [23]/3", text)
+    if survivors == "idle":  # nothing failed on the survivors: they stopped their workers
+        assert "stopping this node's workers" in text
+    summary = json.loads((tmp_path / "multi" / "0" / "torchrun_summary.json").read_text())
+    assert summary["status"] == "COMPLETED"
+    (change,) = summary["elastic"]["changes"]
+    assert (change["lost"], change["alive"]) == ([2], 2)
+    assert change["lost_s"] is not None and change["lost_s"] < 60
+    assert summary["elastic"]["nnodes"] == "2:3"
+    assert left_behind(tag) == []
+
+
+def test_loss_below_min_fails_naming_the_lost_nodes(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.max_restarts=2",
+        "hydra.callbacks.torchrun.peer_timeout=10",
+        "+steps=200",
+        "+step_s=0.5",
+    )
+    pids = training(tmp_path, proc, 3)
+    lost_at = time.monotonic()
+    lose_node(pids[1])
+    lose_node(pids[2])
+    out = finish(proc)
+    RECOVERY["nodes 1 and 2 of 3 lost (MIN=2) -> job failed"] = time.monotonic() - lost_at
+    assert proc.returncode == 1, out[-4000:]
+    record = node0_record(tmp_path)
+    assert record["status"] == "FAILED"
+    assert "stopped sending heartbeats" in record["error"]
+    assert "1 of 3 nodes are left, below nnodes MIN=2" in record["error"]
+    assert "lost before: node 1" in record["error"] or "lost before: node 2" in record["error"]
+    assert left_behind(tag) == []
+
+
+def test_elastic_without_restarts_fails_saying_so(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.max_restarts=0",
+        "hydra.callbacks.torchrun.peer_timeout=10",
+        "+steps=200",
+        "+step_s=0.5",
+        "+hold_s=600",
+    )
+    pids = training(tmp_path, proc, 3)
+    wait_for(lambda: step(tmp_path) >= 3, 60, "step 3", proc)
+    lose_node(pids[2])
+    out = finish(proc)
+    assert proc.returncode == 1, out[-4000:]
+    record = node0_record(tmp_path)
+    assert "node 2 stopped sending heartbeats" in record["error"]
+    assert "no restarts are left" in record["error"] and "max_restarts=0" in record["error"]
+    assert left_behind(tag) == []
