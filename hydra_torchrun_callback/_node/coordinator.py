@@ -64,6 +64,10 @@ _POLL_S = 0.25
 #: one or two store reads, and it is on the critical path of every multi-node job.
 _END_POLL_S = 0.05
 _HEARTBEAT_S = 1.0
+#: An elastic job's nodes wait this long for each other before the first rendezvous (torch's
+#: last_call default): its short last_call_timeout is for later rounds, not for a node that
+#: starts a few seconds after the others.
+ELASTIC_GATHER_S = 30.0
 
 
 def open_job_store(
@@ -156,6 +160,8 @@ class JobCoordinator:
         self._states: Optional[Callable[[], Mapping[int, str]]] = None
         self._abort_lock = threading.Lock()
         self._on_abort: Optional[Callable[[TorchrunJobError], None]] = abort
+        if self.elastic:
+            self._beat()  # joined: see wait_for_nodes
 
     @property
     def signer(self) -> Signer:
@@ -243,9 +249,34 @@ class JobCoordinator:
         self.state.done = True
         self._beat()
 
+    def wait_for_nodes(self, timeout: float = ELASTIC_GATHER_S) -> list[int]:
+        """An elastic job, before its first rendezvous: wait until every node joined the
+        job's store (or ``timeout``), so the first group has them all; the ones that did
+        not join in time (they join a later round)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            beats = self.ops.read_beats()
+            missing = [n for n in range(self.nnodes) if int(beats.get(n, {}).get("beat", 0)) < 1]
+            if not missing or time.monotonic() >= deadline:
+                if missing:
+                    log.warning(
+                        "elastic: starting without nodes %s (not there after %.0fs); they "
+                        "join a later round",
+                        missing,
+                        timeout,
+                    )
+                return missing
+            time.sleep(_POLL_S)
+
     def wait_all_done(self, timeout: float) -> list[int]:
         """Node 0: wait until every node has said done; return the ones that did not."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        # Peers stop beating when their agent returns; a slow one (finding a root cause)
+        # is lost only peer_timeout after this wait began.
+        self.state.progress = {
+            n: decide.Progress(p.count, max(p.since, start)) for n, p in self.state.progress.items()
+        }
         while True:
             self.state.peers = self.ops.read_beats()
             missing = decide.nodes_not_done(self.state.peers, self.nnodes)
@@ -347,9 +378,12 @@ class JobCoordinator:
                 assert failure is not None
                 self._abort(failure)
                 return
-            if membership is not None and membership.epoch > self._epoch:
-                self._reform(membership)
-            self._finish_stopping(now)
+            try:
+                if membership is not None and membership.epoch > self._epoch:
+                    self._reform(membership)
+                self._finish_stopping(now)
+            except Exception as exc:  # never the end of the watchdog
+                log.warning("elastic: could not stop this node's stale workers: %s", exc)
             if self.is_server and beat_due and self._watch_peers(now, now - started):
                 return
 
@@ -381,14 +415,29 @@ class JobCoordinator:
         )
         if lost is None or lost.node_rank is None:
             return False
-        gone = sorted(self.state.lost | {lost.node_rank})
+        found = {lost.node_rank}
+        while self.elastic:  # nodes lost together are decided together
+            more, _ = decide.lost_peer(
+                self.state.peers,
+                self.state.progress,
+                now,
+                running,
+                self.nnodes,
+                self.peer_timeout,
+                self.never_beat_timeout,
+                known=self.state.lost | found,
+            )
+            if more is None or more.node_rank is None:
+                break
+            found.add(more.node_rank)
+        gone = sorted(self.state.lost | found)
         why = decide.cannot_go_on(
             gone, self.nnodes, self.min_nodes, self.max_restarts, self._restarts_used()
         )
         if why is not None and self.elastic and self._reformed(len(gone), lost.node_rank, now):
             why = None  # torch's agents re-formed the group without it already
         if not self._stop.is_set():
-            self.state.lost.add(lost.node_rank)
+            self.state.lost.update(found)
         if why is None:
             membership = self._note_change(lost, gone, now)
             with contextlib.suppress(Exception):

@@ -360,6 +360,8 @@ def _run_multinode(
         if adopted is not None:
             payload, output_dir = adopted, job_dir
     records = report.records
+    if coord.elastic:
+        coord.wait_for_nodes()
 
     def states() -> dict[int, str]:
         return {**coord.states_elsewhere(), **records.rank_states()}

@@ -135,7 +135,11 @@ class JobOps:
 
     # -- membership (elastic jobs) -------------------------------------------------------
     def publish_membership(self, membership: Membership) -> None:
-        """Node 0: the nodes that go on after a loss (each node reads it every second)."""
+        """Node 0: the nodes that go on after a loss (each node reads it every second).
+        The first-failure claim of the group that lost them goes: it was that group's (a
+        survivor's collective failing with the lost node), never a later root cause."""
+        self.js.delete(FIRST_FAILED_KEY)
+        self.js.delete(FIRST_FAILURE_KEY)
         self.js.set_json(MEMBERSHIP_KEY, membership.to_dict())
 
     def membership(self) -> Optional[Membership]:

@@ -283,8 +283,8 @@ class SweepRun:
             try:
                 return item.job.results()[0]
             except Exception as exc:  # UncompletedJobError, FailedJobError, ...
-                # An elastic job that went on without a lost task: task 0 (node 0) returns
-                # only when the job completed, and its JobReturn is the job's.
+                # An elastic job that went on without a lost task: task 0's (node 0's)
+                # COMPLETED JobReturn is the job's.
                 value = _task0_result(item.job)
                 return value if value is not None else self._lost(item, exc)
         try:
@@ -442,10 +442,14 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _task0_result(job: Any) -> Any:
-    """Task 0's JobReturn of a multi-task job, None when it has none."""
+    """Task 0's JobReturn of a multi-task job if the job COMPLETED, else None (a failed
+    job's point is lost with the scheduler's state and log, as any other)."""
+    from hydra.core.utils import JobStatus
+
     try:
         if int(getattr(job, "num_tasks", 1)) < 2:
             return None
-        return job.task(0).result()
+        value = job.task(0).result()
     except Exception:
         return None
+    return value if getattr(value, "status", None) == JobStatus.COMPLETED else None

@@ -242,6 +242,10 @@ class JobStore:
             reject(key)
         return payload
 
+    def delete(self, name: str) -> None:
+        """Remove ``name`` (absent already: nothing happens)."""
+        self._call("delete_key", self.key(name))
+
     def claim(self, name: str, payload: bytes) -> bool:
         """Set ``name`` to ``payload`` if it is unset; True if ours is there now."""
         key = self.key(name)
