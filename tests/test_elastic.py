@@ -184,50 +184,45 @@ def test_lost_node_is_a_membership_change(tmp_path: Path, survivors: str) -> Non
     assert left_behind(tag) == []
 
 
-def test_loss_below_min_fails_naming_the_lost_nodes(tmp_path: Path) -> None:
+def failed_after_losing(tmp_path: Path, victims: list[int], *overrides: str) -> dict[str, Any]:
+    """Start an elastic job (nnodes=2:3, peer_timeout=10), lose ``victims`` once it trains:
+    it must fail and leave nothing behind; node 0's record."""
     tag = uuid.uuid4().hex
     proc = start(
         tmp_path,
         tag,
         "hydra.callbacks.torchrun.nnodes=2:3",
-        "hydra.callbacks.torchrun.max_restarts=2",
         "hydra.callbacks.torchrun.peer_timeout=10",
         "+steps=200",
         "+step_s=0.5",
+        *overrides,
     )
     pids = training(tmp_path, proc, 3)
+    if "+hold_s=600" in overrides:
+        wait_for(lambda: step(tmp_path) >= 3, 60, "step 3", proc)
     lost_at = time.monotonic()
-    lose_node(pids[1])
-    lose_node(pids[2])
+    for node in victims:
+        lose_node(pids[node])
     out = finish(proc)
-    RECOVERY["nodes 1 and 2 of 3 lost (MIN=2) -> job failed"] = time.monotonic() - lost_at
+    RECOVERY[f"nodes {victims} of 3 lost {list(overrides)} -> job failed"] = (
+        time.monotonic() - lost_at
+    )
     assert proc.returncode == 1, out[-4000:]
-    record = node0_record(tmp_path)
+    assert left_behind(tag) == []
+    return node0_record(tmp_path)
+
+
+def test_loss_below_min_fails_naming_the_lost_nodes(tmp_path: Path) -> None:
+    record = failed_after_losing(tmp_path, [1, 2], "hydra.callbacks.torchrun.max_restarts=2")
     assert record["status"] == "FAILED"
     assert "stopped sending heartbeats" in record["error"]
     assert "1 of 3 nodes are left, below nnodes MIN=2" in record["error"]
     assert "lost before: node 1" in record["error"] or "lost before: node 2" in record["error"]
-    assert left_behind(tag) == []
 
 
 def test_elastic_without_restarts_fails_saying_so(tmp_path: Path) -> None:
-    tag = uuid.uuid4().hex
-    proc = start(
-        tmp_path,
-        tag,
-        "hydra.callbacks.torchrun.nnodes=2:3",
-        "hydra.callbacks.torchrun.max_restarts=0",
-        "hydra.callbacks.torchrun.peer_timeout=10",
-        "+steps=200",
-        "+step_s=0.5",
-        "+hold_s=600",
+    record = failed_after_losing(
+        tmp_path, [2], "hydra.callbacks.torchrun.max_restarts=0", "+hold_s=600"
     )
-    pids = training(tmp_path, proc, 3)
-    wait_for(lambda: step(tmp_path) >= 3, 60, "step 3", proc)
-    lose_node(pids[2])
-    out = finish(proc)
-    assert proc.returncode == 1, out[-4000:]
-    record = node0_record(tmp_path)
     assert "node 2 stopped sending heartbeats" in record["error"]
     assert "no restarts are left" in record["error"] and "max_restarts=0" in record["error"]
-    assert left_behind(tag) == []

@@ -35,7 +35,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -289,16 +289,8 @@ class JobCoordinator:
             time.sleep(_END_POLL_S)
 
     def _lost_at_end(self, now: float) -> None:
-        lost, self.state.progress = decide.lost_peer(
-            self.state.peers,
-            self.state.progress,
-            now,
-            0.0,  # a node that never beat was noticed while the job ran
-            self.nnodes,
-            self.peer_timeout,
-            self.never_beat_timeout,
-            known=self.state.lost,
-        )
+        # running=0: a node that never beat was noticed while the job ran
+        lost = self._next_lost(now, 0.0, self.state.lost)
         if lost is not None and lost.node_rank is not None:
             self.state.lost.add(lost.node_rank)
             self._note_change(lost, sorted(self.state.lost), now, at_end=True)
@@ -395,14 +387,11 @@ class JobCoordinator:
             node_rank=0,
         )
 
-    @property
-    def elastic(self) -> bool:
-        """nnodes=MIN:MAX with MIN < MAX: a lost node may be a membership change."""
-        return self.min_nodes < self.nnodes
-
-    def _watch_peers(self, now: float, running: float) -> bool:
-        """Node 0: a lost peer is a membership change (elastic, enough nodes and restarts
-        left) or the job's failure, which stops it; True if it stops."""
+    def _next_lost(
+        self, now: float, running: float, known: Collection[int]
+    ) -> Optional[TorchrunJobError]:
+        """Node 0: the first peer not in ``known`` whose heartbeats stopped (the progress
+        table takes the beats last read)."""
         lost, self.state.progress = decide.lost_peer(
             self.state.peers,
             self.state.progress,
@@ -411,22 +400,24 @@ class JobCoordinator:
             self.nnodes,
             self.peer_timeout,
             self.never_beat_timeout,
-            known=self.state.lost,
+            known=known,
         )
+        return lost
+
+    @property
+    def elastic(self) -> bool:
+        """nnodes=MIN:MAX with MIN < MAX: a lost node may be a membership change."""
+        return self.min_nodes < self.nnodes
+
+    def _watch_peers(self, now: float, running: float) -> bool:
+        """Node 0: a lost peer is a membership change (elastic, enough nodes and restarts
+        left) or the job's failure, which stops it; True if it stops."""
+        lost = self._next_lost(now, running, self.state.lost)
         if lost is None or lost.node_rank is None:
             return False
         found = {lost.node_rank}
         while self.elastic:  # nodes lost together are decided together
-            more, _ = decide.lost_peer(
-                self.state.peers,
-                self.state.progress,
-                now,
-                running,
-                self.nnodes,
-                self.peer_timeout,
-                self.never_beat_timeout,
-                known=self.state.lost | found,
-            )
+            more = self._next_lost(now, running, self.state.lost | found)
             if more is None or more.node_rank is None:
                 break
             found.add(more.node_rank)
