@@ -39,18 +39,30 @@ def _report() -> Any:
     print("\nelastic recovery (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in RECOVERY.items()))
 
 
+SWEEPER_PLUGIN = Path(__file__).parent / "sweeper_plugin"
+
+
 def start(tmp_path: Path, tag: str, *overrides: str) -> subprocess.Popen[str]:
+    env = app_env(HTR_TEST_TAG=tag)
+    # hydra/sweeper=record writes down the JobReturn the sweeper got (sweeper_saw.jsonl).
+    env["PYTHONPATH"] = os.pathsep.join([str(SWEEPER_PLUGIN), env["PYTHONPATH"]])
     return start_app(
         tmp_path,
         *LOCAL3,
+        "hydra/sweeper=record",
         f"hydra.sweep.dir={tmp_path / 'multi'}",
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={tmp_path / 'recorder.jsonl'}",
         *overrides,
         script="elastic_app.py",
         multirun=True,
-        env=app_env(HTR_TEST_TAG=tag),
+        env=env,
     )
+
+
+def sweeper_saw(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "multi" / "sweeper_saw.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def starts(tmp_path: Path) -> list[dict[str, Any]]:
@@ -181,6 +193,53 @@ def test_lost_node_is_a_membership_change(tmp_path: Path, survivors: str) -> Non
     assert (change["lost"], change["alive"]) == ([2], 2)
     assert change["lost_s"] is not None and change["lost_s"] < 60
     assert summary["elastic"]["nnodes"] == "2:3"
+    assert left_behind(tag) == []
+
+
+def test_node_0_lost_is_a_membership_change(tmp_path: Path) -> None:
+    """Node 0 is not special: the job's store and rendezvous are files in submitit's
+    folder, so losing node 0 (its Hydra process, agent and worker) leaves nodes 1 and 2
+    to re-form the group, and rank 0's value reaches the sweeper from a surviving task."""
+    tag = uuid.uuid4().hex
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.max_restarts=2",
+        "hydra.callbacks.torchrun.heartbeat_interval=1",
+        "hydra.callbacks.torchrun.peer_timeout=10",
+        "+steps=40",
+        "+step_s=0.5",
+    )
+    pids = training(tmp_path, proc, 3)
+    lost_at, lost_wall = time.monotonic(), time.time()
+    lose_node(pids[0])
+    back = wait_for(
+        lambda: any(s["world"] == 2 for s in starts(tmp_path)), 120, "the re-formed group", proc
+    )
+    out = finish(proc)
+    RECOVERY["node 0 of 3 lost, survivors in_collective"] = back - lost_at
+    assert proc.returncode == 0, out[-4000:]
+    second = [s for s in starts(tmp_path) if s["at"] > lost_wall]
+    assert sorted(s["node"] for s in second) == [1, 2]
+    assert sorted(s["rank"] for s in second) == [0, 1]
+    assert all(s["resumed_at"] >= 2 for s in second)
+    # The sweeper got rank 0's value from a task that survived.
+    (saw,) = sweeper_saw(tmp_path)
+    assert saw["status"] == "COMPLETED", saw
+    assert "'world': 2" in saw["value"], saw
+    text = logs(tmp_path)
+    assert "elastic: node 0 stopped sending heartbeats" in text
+    assert "going on with 2 of 3 nodes" in text
+    assert re.search(r"/2 ranks alive .*; elastic: 2 of 3 nodes", text)
+    # Node 1 led the job's end: the summary names the change.
+    summary = json.loads((tmp_path / "multi" / "0" / "torchrun_summary.json").read_text())
+    assert summary["status"] == "COMPLETED"
+    (change,) = summary["elastic"]["changes"]
+    assert (change["lost"], change["alive"]) == ([0], 2)
+    # The store's files live in submitit's folder, private to the user.
+    (store_dir,) = (tmp_path / "multi" / ".submitit").glob("*/.torchrun_store/*")
+    assert store_dir.stat().st_mode & 0o777 == 0o700
     assert left_behind(tag) == []
 
 

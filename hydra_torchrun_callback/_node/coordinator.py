@@ -22,6 +22,12 @@ every survivor stops its workers of a group that still counts the lost node. Its
 sees them fail, spends one of torch's restarts and re-rendezvouses with the survivors, as
 torchrun's would after a failed collective; the agent itself is never signalled.
 
+Node 0 is not special in an elastic job whose nodes share a directory (submitit's folder):
+the store is a FileStore there (torch's rendezvous too, ``store_type=file``), every node
+reads every heartbeat, and the lowest node not lost acts for the job (:meth:`leads`):
+it decides membership changes, waits for the end and writes the summary. Every node that
+finishes returns rank 0's value, so the job's value survives whichever task is lost.
+
 Split the way torch's dynamic rendezvous is: :class:`JobCoordinator` here connects and
 runs the watchdog; what it knows is a :class:`.job_state.JobState`, what it does on the
 store is :class:`.job_ops.JobOps` (every key is named there), and what it decides is
@@ -54,6 +60,7 @@ from hydra_torchrun_callback._wire.store import (
     Signer,
     host_job_store,
     join_job_store,
+    open_shared_job_store,
 )
 
 __all__ = ["JobCoordinator", "StacksRelay"]
@@ -79,10 +86,24 @@ def open_job_store(
 ) -> tuple[JobStore, int]:
     """Node 0 hosts the job's store on the first free candidate port (with ``initial``
     keys); every other node joins the one that proves it belongs to the job. Returns the
-    store and its port; a clear setup error naming the fix otherwise."""
+    store and its port (0: the shared FileStore of an elastic job, which the first node
+    there creates); a clear setup error naming the fix otherwise."""
     host = placement.rdzv_endpoint.rsplit(":", 1)[0]
     prefix = job_prefix(placement.run_id)
     node = placement.node_rank
+    if placement.store_dir is not None:
+        try:
+            job_store, _ = open_shared_job_store(
+                placement.store_dir, secret, placement.run_id, prefix, timeout, dict(initial)
+            )
+        except Exception as exc:
+            raise TorchrunSetupError(
+                f"node {node} could not open the job's store in {placement.store_dir} "
+                f"({type(exc).__name__}: {exc}). It must be on a file system every node "
+                "shares, with working file locks (NFS does; Lustre needs -o flock), as "
+                "submitit's folder (hydra.launcher.submitit_folder) is."
+            ) from exc
+        return job_store, 0
     try:
         if node == 0:
             return host_job_store(
@@ -136,25 +157,35 @@ class JobCoordinator:
         #: The membership change this node acted on last, and workers it asked to stop.
         self._epoch = 0
         self._stopping: Optional[tuple[float, decide.Membership]] = None
-        host, port = placement.rdzv_endpoint.rsplit(":", 1)
-        candidates = list(ports or placement.store_ports or [int(port)])
         prefix = job_prefix(placement.run_id)
-        self.is_server = self.node == 0
+        #: The job's store is a shared FileStore (an elastic job): no node hosts it.
+        self.shared = placement.store_dir is not None
+        self.is_server = self.node == 0 and not self.shared
         #: A peer that never beat counts as lost after this (it may start late).
         self.never_beat_timeout = join_timeout or max(2 * peer_timeout, 60.0)
         # Node 0 may start much later than the others (submitit can start nodes minutes
         # apart): wait for it as long as torch's rendezvous would.
         connect_timeout = 2 * peer_timeout if self.is_server else (join_timeout or 2 * peer_timeout)
+        if self.shared:
+            assert placement.store_dir is not None
+            candidates: list[int] = []
+            address = "file:" + os.path.join(placement.store_dir, "job")
+        else:
+            host, port = placement.rdzv_endpoint.rsplit(":", 1)
+            candidates = list(ports or placement.store_ports or [int(port)])
         self.js, chosen = open_job_store(
             placement, candidates, secret, connect_timeout, initial_keys(self.nnodes, job_dir)
         )
-        #: The placement with the port the store was found on.
-        self.placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")
+        if not self.shared:
+            #: The placement with the port the store was found on.
+            placement = replace(placement, rdzv_endpoint=f"{host}:{chosen}")
+            address = f"{host}:{chosen}"
+        self.placement = placement
         self.store = self.js.store
         self.ops = JobOps(self.js, self.node, self.nnodes)
         self.state = JobState(node=self.node, nnodes=self.nnodes)
         #: What workers need to claim the first failure (see _wire.protocol.FIRST_FAILED_KEY).
-        self.worker_env = {JOB_STORE_ENV: f"{host}:{chosen} {prefix} {self.js.signer.session}"}
+        self.worker_env = {JOB_STORE_ENV: f"{address} {prefix} {self.js.signer.session}"}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._states: Optional[Callable[[], Mapping[int, str]]] = None
@@ -166,6 +197,15 @@ class JobCoordinator:
     @property
     def signer(self) -> Signer:
         return self.js.signer
+
+    def leads(self, also_lost: Collection[int] = ()) -> bool:
+        """Whether this node acts for the job (watches the others, decides, waits for the
+        end, writes the summary): node 0; with a shared store, the lowest node not lost
+        (``also_lost``: nodes this node just found silent)."""
+        if not self.shared:
+            return self.node == 0
+        gone = self.state.lost | set(also_lost)
+        return all(n in gone for n in range(self.node))
 
     @property
     def abort_reason(self) -> Optional[TorchrunJobError]:
@@ -269,7 +309,7 @@ class JobCoordinator:
             time.sleep(_POLL_S)
 
     def wait_all_done(self, timeout: float) -> list[int]:
-        """Node 0: wait until every node has said done; return the ones that did not."""
+        """The leader: wait until every node has said done; return the ones that did not."""
         start = time.monotonic()
         deadline = start + timeout
         # Peers stop beating when their agent returns; a slow one (finding a root cause)
@@ -356,7 +396,7 @@ class JobCoordinator:
                     self._beat()
                     last_beat = now
                 failure = self.failure()
-                if self.is_server and beat_due:
+                if (self.is_server or self.shared) and beat_due:
                     self.state.peers = self.ops.read_beats()
                 membership = self.ops.membership() if beat_due and self.elastic else None
                 unreachable_since = None
@@ -376,10 +416,18 @@ class JobCoordinator:
                 self._finish_stopping(now)
             except Exception as exc:  # never the end of the watchdog
                 log.warning("elastic: could not stop this node's stale workers: %s", exc)
-            if self.is_server and beat_due and self._watch_peers(now, now - started):
+            watches = self.is_server or self.shared
+            if watches and beat_due and self._watch_peers(now, now - started):
                 return
 
     def _store_lost(self, exc: BaseException) -> TorchrunJobError:
+        if self.shared:
+            return TorchrunJobError(
+                f"node {self.node} lost access to the job's store in "
+                f"{self.placement.store_dir} ({type(exc).__name__}: {exc}); is the shared "
+                "file system still mounted here?",
+                node_rank=self.node,
+            )
         return TorchrunJobError(
             f"node {self.node} lost contact with node 0, which hosts the job's "
             f"store ({type(exc).__name__}: {exc}); node 0 probably died",
@@ -390,7 +438,7 @@ class JobCoordinator:
     def _next_lost(
         self, now: float, running: float, known: Collection[int]
     ) -> Optional[TorchrunJobError]:
-        """Node 0: the first peer not in ``known`` whose heartbeats stopped (the progress
+        """The leader: the first peer not in ``known`` whose heartbeats stopped (the progress
         table takes the beats last read)."""
         lost, self.state.progress = decide.lost_peer(
             self.state.peers,
@@ -401,6 +449,7 @@ class JobCoordinator:
             self.peer_timeout,
             self.never_beat_timeout,
             known=known,
+            me=self.node,
         )
         return lost
 
@@ -410,8 +459,9 @@ class JobCoordinator:
         return self.min_nodes < self.nnodes
 
     def _watch_peers(self, now: float, running: float) -> bool:
-        """Node 0: a lost peer is a membership change (elastic, enough nodes and restarts
-        left) or the job's failure, which stops it; True if it stops."""
+        """The leading node: a lost peer is a membership change (elastic, enough nodes
+        and restarts left) or the job's failure, which stops it; True if it stops. With a
+        shared store every node looks: one that finds every node below it lost leads."""
         lost = self._next_lost(now, running, self.state.lost)
         if lost is None or lost.node_rank is None:
             return False
@@ -421,6 +471,8 @@ class JobCoordinator:
             if more is None or more.node_rank is None:
                 break
             found.add(more.node_rank)
+        if not self.leads(found):
+            return False  # a live node below this one decides
         gone = sorted(self.state.lost | found)
         why = decide.cannot_go_on(
             gone, self.nnodes, self.min_nodes, self.max_restarts, self._restarts_used()
@@ -444,7 +496,7 @@ class JobCoordinator:
     def _note_change(
         self, lost: TorchrunJobError, gone: Sequence[int], now: float, at_end: bool = False
     ) -> decide.Membership:
-        """Node 0: log and keep (for the summary) a membership change."""
+        """The leader: log and keep (for the summary) a membership change."""
         membership = decide.Membership(
             epoch=len(gone),
             lost=tuple(gone),
@@ -483,7 +535,7 @@ class JobCoordinator:
         )
 
     def membership_history(self) -> dict[str, Any]:
-        """Node 0: the elastic job's node range and each membership change, with the time
+        """The leader: the elastic job's node range and each membership change, with the time
         it cost: from the lost node's last heartbeat to this node's workers of the
         re-formed group starting (None if they never did)."""
         starts = self._records.records() if self._records is not None else []
@@ -500,7 +552,7 @@ class JobCoordinator:
         return {"nnodes": f"{self.min_nodes}:{self.nnodes}", "changes": changes}
 
     def _reformed(self, gone: int, peer: int, now: float) -> bool:
-        """Node 0: whether its workers already run in a group without the lost nodes,
+        """The leader: whether its workers already run in a group without the lost nodes,
         started after ``peer`` fell silent (a collective failed and torch re-formed it)."""
         if self._records is None:
             return False
@@ -519,7 +571,7 @@ class JobCoordinator:
         return max((int(r.get("attempt", 0)) for r in self._records.records()), default=0)
 
     def _restarts_used(self) -> int:
-        """Node 0: the most restarts any live node's agent made (each agent has its own
+        """The leader: the most restarts any live node's agent made (each agent has its own
         ``max_restarts``; a membership change torch saw on a healthy agent costs none)."""
         peers = [
             int(beat.get("restarts", 0))

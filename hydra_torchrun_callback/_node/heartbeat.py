@@ -27,8 +27,11 @@ class Heartbeat:
         world_size: int,
         states: Callable[[], Mapping[int, str]],
         elastic: Optional[Callable[[], tuple[int, str]]] = None,
+        active: Optional[Callable[[], bool]] = None,
     ) -> None:
-        """``elastic``: an elastic job's current world size and membership line."""
+        """``elastic``: an elastic job's current world size and membership line;
+        ``active``: whether this node reports now (the node that leads the job)."""
+        self.active = active
         self.interval = interval
         self.world_size = world_size
         self.states = states
@@ -58,7 +61,8 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(Exception):  # a report, never a reason to fail
-                log.info("%s", self.line())
+                if self.active is None or self.active():
+                    log.info("%s", self.line())
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -125,6 +125,9 @@ class JobReport:
         self.error: Optional[BaseException] = None
         #: An elastic job's membership changes (node 0, from its coordinator).
         self.elastic: Optional[dict[str, Any]] = None
+        #: Whether this node writes the summary: node 0, or the node that leads an elastic
+        #: job with a shared store at its end (see ``JobCoordinator.leads``).
+        self.leads = placement.node_rank == 0
 
     def publish(self, output_dir: str) -> None:
         """Log the table and save the JSON (nothing when no worker started)."""
@@ -292,7 +295,7 @@ def run_node(job: NodeJob, adopt: Callable[[str, str], bool]) -> Optional[bytes]
         raise
     finally:
         report.records.harvest_stacks()  # the stacks of ranks the stop interrupted
-        if opts.summary and placement.node_rank == 0:
+        if opts.summary and report.leads:
             report.publish(output_dir)
         report.records.close()
     return data
@@ -304,7 +307,8 @@ def _heartbeat(
     states: Callable[[], Mapping[int, str]],
     coord: Optional[JobCoordinator] = None,
 ) -> contextlib.AbstractContextManager[Any]:
-    if opts.heartbeat_interval <= 0 or placement.node_rank != 0:
+    shared = coord is not None and coord.shared  # whichever node leads reports
+    if opts.heartbeat_interval <= 0 or (placement.node_rank != 0 and not shared):
         return contextlib.nullcontext()
     from hydra_torchrun_callback._node.heartbeat import Heartbeat
 
@@ -312,7 +316,9 @@ def _heartbeat(
     elastic = None
     if coord is not None and coord.elastic:
         elastic = functools.partial(coord.elastic_status, placement.nproc_per_node)
-    return Heartbeat(opts.heartbeat_interval, world, states, elastic)
+    return Heartbeat(
+        opts.heartbeat_interval, world, states, elastic, coord.leads if shared and coord else None
+    )
 
 
 def _join_job_store(
@@ -347,13 +353,17 @@ def _run_multinode(
     output_dir: str,
     payload_in: Callable[[str], Optional[bytes]],
 ) -> Optional[bytes]:
-    """Run this node's agent; node 0 returns global rank 0's value or the root cause."""
+    """Run this node's agent; node 0 returns global rank 0's value or the root cause (in
+    an elastic job with a shared store, every node that finishes returns it)."""
     from hydra_torchrun_callback._node.agent import launch
     from hydra_torchrun_callback._node.coordinator import StacksRelay
 
     coord = _join_job_store(opts, placement, output_dir, report.records)
     placement = coord.placement  # with the port the job's store was found on
     node0 = placement.node_rank == 0
+    # Every node of a job with a shared store returns rank 0's value: whichever task
+    # survives carries it to the launcher.
+    returns_value = node0 or coord.shared
     job_dir = coord.ops.job_dir()
     if job_dir and job_dir != output_dir:  # every node works in node 0's output dir
         adopted = payload_in(job_dir)
@@ -373,7 +383,8 @@ def _run_multinode(
         with contextlib.suppress(Exception):
             coord.ops.put_rows(records.rows(placement.node_rank, socket.gethostname()))
         coord.mark_done(error)
-        if not node0:
+        report.leads = coord.leads()
+        if not report.leads:
             return []
         missing = coord.wait_all_done(timeout=wait)
         report.rows, report.missing_nodes = coord.ops.gather_rows()
@@ -399,10 +410,10 @@ def _run_multinode(
             with contextlib.suppress(Exception):
                 finish(wait=min(opts.peer_timeout, 5.0), error=stop)
             raise
-        if data is not None and not node0:  # node 0 returns its own, not via the store
+        if data is not None and (coord.shared or not node0):  # node 0 returns its own
             coord.ops.put_result(data)
         missing = finish()
-        if not node0:
+        if not returns_value:
             return None  # only node 0's JobReturn carries the job's value
         # Each node's signed done beat says how its part ended: a forged or emptied
         # failure key cannot make a failed job look completed.
@@ -410,14 +421,15 @@ def _run_multinode(
         if failure is not None:
             raise failure
         if data is None:
-            data = coord.wait_result(timeout=5.0)
+            data = coord.wait_result(timeout=5.0 if report.leads else opts.peer_timeout)
         if data is None:
             raise TorchrunSetupError(
-                "the job finished but global rank 0's return value never reached node 0"
+                f"the job finished but global rank 0's return value never reached node "
+                f"{placement.node_rank}"
                 + (f" (nodes {missing} did not report back)" if missing else "")
             )
         return data
     finally:
-        if node0 and coord.elastic:
+        if report.leads and coord.elastic:
             report.elastic = coord.membership_history()
         coord.close()

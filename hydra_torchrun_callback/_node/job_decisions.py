@@ -106,17 +106,18 @@ def lost_peer(
     peer_timeout: float,
     never_beat_timeout: float,
     known: Collection[int] = (),
+    me: int = 0,
 ) -> tuple[Optional[TorchrunJobError], dict[int, Progress]]:
-    """Node 0: the first peer whose heartbeat stopped (or never started in time), and
-    the progress table updated with the beats just read; peers in ``known`` were
-    declared lost already.
+    """Node ``me`` (node 0, or any node of a job with a shared store): the first peer
+    whose heartbeat stopped (or never started in time), and the progress table updated
+    with the beats just read; peers in ``known`` were declared lost already.
 
     A forged, unreadable or replayed (older) beat counts as no beat: only a higher count
     than seen before is progress, so it cannot hide a lost node. A peer that said done
     is never lost."""
     table = dict(seen)
-    for peer in range(1, nnodes):
-        if peer in known:
+    for peer in range(nnodes):
+        if peer in known or peer == me:
             continue
         last = table.get(peer, Progress(-1, now))
         beat = beats.get(peer)
@@ -139,7 +140,7 @@ def lost_peer(
             return (
                 TorchrunJobError(
                     f"node {peer} never joined the job's store within "
-                    f"{never_beat_timeout:.0f}s (it did not start, or cannot reach node 0)",
+                    f"{never_beat_timeout:.0f}s (it did not start, or cannot reach the store)",
                     node=str(peer),
                     node_rank=peer,
                 ),

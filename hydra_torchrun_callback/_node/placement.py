@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import uuid
 import zlib
@@ -30,6 +31,7 @@ __all__ = [
     "job_store_ports",
     "plan_workers",
     "resolve_placement",
+    "shared_store_dir",
     "task_cpus",
 ]
 
@@ -449,6 +451,9 @@ class Placement:
     store_ports: tuple[int, ...] = ()
     #: How this node's workers sit on a host it shares with other tasks of the job.
     plan: Optional[WorkerPlan] = None
+    #: An elastic job whose nodes share a directory (submitit's folder): its rendezvous and
+    #: job store are files there, hosted by no node, so it survives any node's loss.
+    store_dir: Optional[str] = None
 
     def describe(self) -> str:
         """One line for the logs: node rank / nodes, endpoint, rdzv id, workers."""
@@ -519,7 +524,7 @@ def resolve_placement(
     by_user = bool(opts.rdzv_endpoint) and "rdzv_endpoint" not in from_env
     task = None if by_user else detect_cluster(env, opts.cluster)
     if task is not None and task.num_tasks > 1:
-        return _cluster_placement(opts, task, nproc_per_node, job_num)
+        return _cluster_placement(opts, task, nproc_per_node, job_num, env)
     min_nodes = opts.min_nodes or 1
     max_nodes = opts.max_nodes or min_nodes
     rdzv_configs: dict[str, object] = dict(opts.rdzv_configs)
@@ -631,8 +636,31 @@ def _env_value(opts: Options, option: str) -> object:
     return getattr(opts, option)
 
 
+def shared_store_dir(env: Mapping[str, str], task: ClusterTask, run_id: str) -> Optional[str]:
+    """Where an elastic job keeps its rendezvous and store files: a directory of its own
+    in submitit's folder, which every task of a submitit job reads its pickle from (so it
+    is shared by the nodes). One per SLURM requeue (``SLURM_RESTART_COUNT``): a requeued
+    job never meets its previous run's files. None outside submitit, or when the folder
+    is per task (``%t``)."""
+    folder = env.get("SUBMITIT_FOLDER", "")
+    if not folder or "%t" in folder or not os.path.isabs(folder):
+        return None
+    array_id, _, index = task.job_id.partition("_")
+    folder = folder.replace("%j", task.job_id).replace("%A", array_id).replace("%a", index)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    return os.path.join(folder, STORE_DIR_NAME, f"{safe}.r{env.get('SLURM_RESTART_COUNT', '0')}")
+
+
+#: The directory, in submitit's folder, that holds elastic jobs' store files.
+STORE_DIR_NAME = ".torchrun_store"
+
+
 def _cluster_placement(
-    opts: Options, task: ClusterTask, nproc_per_node: int, job_num: int = 0
+    opts: Options,
+    task: ClusterTask,
+    nproc_per_node: int,
+    job_num: int = 0,
+    env: Optional[Mapping[str, str]] = None,
 ) -> Placement:
     """One node per task: rank = task rank, master = first host, id and port from the job."""
     _refuse_contradicting_environment(opts, task)
@@ -665,18 +693,29 @@ def _cluster_placement(
         # torch): recovery in about 15 s instead of 50 s. What the user set wins.
         for key, value in ELASTIC_RDZV_DEFAULTS.items():
             configs.setdefault(key, value)
+    store_dir = None
+    if min_nodes < task.num_tasks and opts.master_addr is None and opts.master_port is None:
+        store_dir = shared_store_dir(env or {}, task, run_id)
+    if store_dir is not None:
+        # No node hosts anything: torch's c10d rendezvous on a FileStore (store_type=file)
+        # in the job's shared directory, which outlives every node.
+        configs.pop("is_host")
+        configs["store_type"] = "file"
     return Placement(
         min_nodes=min_nodes,
         max_nodes=task.num_tasks,
         node_rank=task.task_rank,
         nproc_per_node=nproc_per_node,
         rdzv_backend="c10d",
-        rdzv_endpoint=f"{host}:{ports[0]}",
+        rdzv_endpoint=(
+            os.path.join(store_dir, "rendezvous") if store_dir else f"{host}:{ports[0]}"
+        ),
         run_id=run_id,
         rdzv_configs=configs,
         local_addr=opts.local_addr,
         source=task.kind,
         port_picked=False,
         cluster=task,
-        store_ports=ports,
+        store_ports=() if store_dir else ports,
+        store_dir=store_dir,
     )

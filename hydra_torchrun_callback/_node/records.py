@@ -67,14 +67,17 @@ class NodeRecords:
         return found
 
     def _by_rank(self) -> tuple[dict[int, list[dict[str, Any]]], int]:
-        """This node's records per rank, oldest first, and the node's latest attempt."""
-        by_rank: dict[int, list[dict[str, Any]]] = {}
+        """This node's records per worker slot (local rank), oldest first, keyed by the
+        global rank of the slot's last process; and the node's latest attempt. A slot, not
+        a rank: an elastic membership change renumbers the ranks (node 1's rank 1 becomes
+        rank 0), and a rank's history is its slot's."""
+        by_slot: dict[int, list[dict[str, Any]]] = {}
         for record in self.records():
-            by_rank.setdefault(record["rank"], []).append(record)
-        for recs in by_rank.values():
+            by_slot.setdefault(int(record.get("local_rank", record["rank"])), []).append(record)
+        for recs in by_slot.values():
             recs.sort(key=lambda r: (r["attempt"], r["started"]))
-        last_attempt = max((recs[-1]["attempt"] for recs in by_rank.values()), default=0)
-        return by_rank, last_attempt
+        last_attempt = max((recs[-1]["attempt"] for recs in by_slot.values()), default=0)
+        return {recs[-1]["rank"]: recs for recs in by_slot.values()}, last_attempt
 
     def live(self) -> list[dict[str, Any]]:
         """Records of this node's workers of the latest attempt that are running now."""
@@ -150,6 +153,11 @@ class NodeRecords:
         return rows
 
     def _outcome(self, record: dict[str, Any], now: float) -> dict[str, Any]:
+        outcome = self._ended(record, now)
+        outcome["rank"] = record["rank"]  # it may differ from the slot's rank now (elastic)
+        return outcome
+
+    def _ended(self, record: dict[str, Any], now: float) -> dict[str, Any]:
         status, detail = record["status"], record["detail"]
         ended = record["ended"]
         if status == "running":  # the process never reported an outcome

@@ -149,8 +149,11 @@ def render_table(summary: Mapping[str, Any]) -> str:
     for row in summary["ranks"]:
         for past in row.get("history", ()):
             if past["status"] in ("raised", "killed", "exited"):
+                was = past.get("rank", row["rank"])
                 out.append(
-                    f"rank {row['rank']} attempt {past['attempt']} (pid {past['pid']}): "
+                    f"rank {row['rank']}"
+                    + (f" (then rank {was})" if was != row["rank"] else "")
+                    + f" attempt {past['attempt']} (pid {past['pid']}): "
                     f"{clip(_status_cell(past), 40)} after {past['wall_s']:.1f}s, restarted"
                 )
     elastic = summary.get("elastic") or {}

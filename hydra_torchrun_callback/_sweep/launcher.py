@@ -283,9 +283,10 @@ class SweepRun:
             try:
                 return item.job.results()[0]
             except Exception as exc:  # UncompletedJobError, FailedJobError, ...
-                # An elastic job that went on without a lost task: task 0's (node 0's)
-                # COMPLETED JobReturn is the job's.
-                value = _task0_result(item.job)
+                # An elastic job that went on without a lost task: the first COMPLETED
+                # JobReturn, task 0's (node 0's) unless task 0 was the one lost (every
+                # node of an elastic job with a shared store returns rank 0's value).
+                value = _survivor_result(item.job)
                 return value if value is not None else self._lost(item, exc)
         try:
             item.job.wait()
@@ -441,15 +442,24 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _task0_result(job: Any) -> Any:
-    """Task 0's JobReturn of a multi-task job if the job COMPLETED, else None (a failed
+def _survivor_result(job: Any) -> Any:
+    """The first task's COMPLETED JobReturn of a multi-task job, else None (a failed
     job's point is lost with the scheduler's state and log, as any other)."""
     from hydra.core.utils import JobStatus
 
     try:
-        if int(getattr(job, "num_tasks", 1)) < 2:
-            return None
-        value = job.task(0).result()
-    except Exception:
+        tasks = int(getattr(job, "num_tasks", 1))
+    except (TypeError, ValueError):
         return None
-    return value if getattr(value, "status", None) == JobStatus.COMPLETED else None
+    for task in range(tasks if tasks > 1 else 0):
+        try:
+            sub = job.task(task)
+            # A lost task left no result file: submitit would wait for it.
+            if not Path(sub.paths.result_pickle).exists():
+                continue
+            value = sub.result()
+        except Exception:
+            continue
+        if getattr(value, "status", None) == JobStatus.COMPLETED:
+            return value
+    return None

@@ -92,7 +92,8 @@ SWEEP_ROLE_ENV = "HYDRA_TORCHRUN_SWEEP_ROLE"
 CONTROLLER_JOB_ENV = "HYDRA_TORCHRUN_CONTROLLER_JOB"
 #: Hydra process -> warm server: the pid whose death ends the server.
 WARM_PARENT_ENV = "HYDRA_TORCHRUN_WARM_PARENT"
-#: Agent -> workers: where to claim the job's first failure, "host:port prefix session".
+#: Agent -> workers: where to claim the job's first failure, "host:port prefix session" (an
+#: elastic job's shared store: "file:<path> prefix session").
 JOB_STORE_ENV = "HYDRA_TORCHRUN_JOB_STORE"
 #: Agent -> workers: the node's private records folder (worker records, stack dumps).
 RECORDS_ENV = "HYDRA_TORCHRUN_RECORDS"

@@ -18,6 +18,9 @@ carries an HMAC-SHA256 made with a secret the network never sees:
   TCPStore drops a client that sends more than 8 MiB at once. Error texts are capped.
 - **torch's rendezvous state** (a pickle torch keeps in the same store) goes through
   :class:`SignedRendezvousBackend`, registered as the ``hydra-c10d`` rendezvous backend.
+- **An elastic job on a shared file system** keeps the same signed keys in a FileStore
+  (:func:`open_shared_job_store`) in a 0700 directory of its own: no node hosts it, so no
+  node's loss takes it away. The first node there writes the initial keys and the hello.
 
 An attacker who reaches the port can still delete or overwrite keys (denial of service:
 the job fails or waits for a timeout), never run code or change a job's outcome unnoticed.
@@ -56,6 +59,8 @@ __all__ = [
     "host_job_store",
     "join_job_store",
     "load_secret",
+    "open_shared_job_store",
+    "private_dir",
 ]
 
 
@@ -198,7 +203,7 @@ def reject(key: str) -> None:
 
 # -- the job's key space -------------------------------------------------------------------
 class JobStore:
-    """One job's signed key space in a TCPStore (node 0 hosts it)."""
+    """One job's signed key space in a TCPStore (node 0 hosts it) or a shared FileStore."""
 
     def __init__(self, store: Any, prefix: str, signer: Signer) -> None:
         self.store = store
@@ -444,6 +449,66 @@ def join_job_store(
                 )
             )
         time.sleep(0.5)
+
+
+def private_dir(path: str) -> None:
+    """Create ``path`` (and its parents) for this user alone, or check that it is: a
+    directory owned by us that nobody else can enter (0700, as ~/.ssh)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM,
+            f"{path} must be a directory of yours that only you can enter (mode 0700); "
+            f"it is mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}. Fix: remove it",
+        )
+
+
+def open_shared_job_store(
+    directory: str,
+    secret: bytes,
+    run_id: str,
+    prefix: str,
+    timeout: float,
+    initial: Optional[Mapping[str, bytes]] = None,
+) -> tuple[JobStore, bool]:
+    """Any node of an elastic job: the job's store as a FileStore in ``directory`` (shared
+    by the nodes). The first node to get there (an atomic ``add``) writes the ``initial``
+    keys, then says hello; the others wait up to ``timeout`` for a hello signed for this
+    run id. Returns the store and whether this node created it."""
+    import torch.distributed as dist
+
+    private_dir(directory)
+    store: Any = dist.FileStore(os.path.join(directory, "job"), -1)  # type: ignore[attr-defined]
+    store.set_timeout(timedelta(seconds=30))
+    key = prefix + HELLO_KEY
+    hello = hello_signer(secret, run_id)
+    if store.add(prefix + "creator", 1) == 1:
+        nonce = secrets.token_hex(16)
+        job_store = JobStore(store, prefix, Signer(secret, f"{run_id}/{nonce}"))
+        for name, value in (initial or {}).items():
+            job_store.set(name, value)
+        payload = json.dumps({"run_id": run_id, "nonce": nonce}).encode()
+        store.set(key, hello.seal(key, payload))
+        return job_store, True
+    deadline = time.monotonic() + timeout
+    while True:
+        if store.check([key]):
+            opened = hello.open(key, bytes(store.get(key)))
+            data = json.loads(opened) if opened is not None else {}
+            if data.get("run_id") != run_id:
+                raise ForeignStoreError(
+                    f"the job store in {directory} has no hello signed for job {run_id} "
+                    "(another user's key, or a forgery)"
+                )
+            return JobStore(store, prefix, Signer(secret, f"{run_id}/{data['nonce']}")), False
+        if time.monotonic() >= deadline:
+            raise ForeignStoreError(
+                f"the job store in {directory} got no hello within {timeout:.0f}s"
+            )
+        time.sleep(0.1)
 
 
 # -- torch's rendezvous state, signed -------------------------------------------------------

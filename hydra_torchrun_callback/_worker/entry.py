@@ -337,15 +337,19 @@ def _claim_first_failure(rank: int, exc: BaseException) -> None:
         from hydra_torchrun_callback._result import FailureRecord
         from hydra_torchrun_callback._wire.store import JobStore, Signer, load_secret
 
-        address, prefix, session = spec.split(" ", 2)
-        host, port = address.rsplit(":", 1)
-        store = dist.TCPStore(  # type: ignore[attr-defined]
-            host,
-            int(port),
-            is_master=False,
-            timeout=timedelta(seconds=5),
-            wait_for_workers=False,
-        )
+        address, prefix, session = spec.rsplit(" ", 2)
+        if address.startswith("file:"):  # an elastic job's shared store (no node hosts it)
+            store: Any = dist.FileStore(address[len("file:") :], -1)  # type: ignore[attr-defined]
+            store.set_timeout(timedelta(seconds=5))
+        else:
+            host, port = address.rsplit(":", 1)
+            store = dist.TCPStore(  # type: ignore[attr-defined]
+                host,
+                int(port),
+                is_master=False,
+                timeout=timedelta(seconds=5),
+                wait_for_workers=False,
+            )
         job_store = JobStore(store, prefix, Signer(load_secret(os.environ), session))
         if job_store.claim(FIRST_FAILED_KEY, str(rank).encode()):
             claim = FailureRecord(
