@@ -512,3 +512,59 @@ def _client(port: int) -> Any:
     return dist.TCPStore(  # type: ignore[attr-defined]
         "127.0.0.1", port, is_master=False, wait_for_workers=False
     )
+
+
+def test_an_elastic_jobs_shared_store_is_private_and_signed(tmp_path: Path) -> None:
+    """The FileStore of an elastic job (no node hosts it): its directory is created 0700
+    and refused when others can enter it; a hello signed with another key is refused; two
+    nodes that share the directory find each other, and node 1 leads once node 0 is lost."""
+    from hydra_torchrun_callback._node.job_decisions import Membership
+    from hydra_torchrun_callback._wire.protocol import MEMBERSHIP_KEY
+    from hydra_torchrun_callback._wire.store import ForeignStoreError, open_shared_job_store
+
+    secret = load_secret(os.environ)
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    with pytest.raises(OSError, match="only you can enter"):
+        open_shared_job_store(str(loose), secret, "job1", "p/", 1.0)
+    forged = tmp_path / "forged"
+    _, created = open_shared_job_store(str(forged), os.urandom(32), "job1", "p/", 1.0)
+    assert created and forged.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(ForeignStoreError, match="no hello signed for job job1"):
+        open_shared_job_store(str(forged), secret, "job1", "p/", 1.0)
+
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_JOB_ID": f"{os.getpid()}",
+        "SUBMITIT_LOCAL_NTASKS": "3",
+        "SUBMITIT_FOLDER": str(tmp_path / "submitit" / "%j"),
+    }
+    opts = parse_options({"nnodes": "2:3"})
+    nodes = [
+        JobCoordinator(
+            resolve_placement(opts, {**env, "SUBMITIT_LOCAL_GLOBALID": str(n)}, 1), 5, secret
+        )
+        for n in (1, 0, 2)  # the first there creates it, whichever node that is
+    ]
+    try:
+        node1, node0, node2 = nodes
+        assert all(c.shared for c in nodes)
+        assert [c.leads() for c in (node0, node1, node2)] == [True, False, False]
+        node0.ops.put_result(b"rank 0's value")
+        assert node2.wait_result(timeout=5) == b"rank 0's value"
+        node0.ops.publish_membership(Membership(1, (0,), 2, time.time(), "node 0 lost"))
+        change = node1.ops.membership()
+        assert change is not None and change.lost == (0,)
+        # A value written without the job's signature is never taken.
+        raw = dist.FileStore(str(node0.placement.store_dir) + "/job", -1)  # type: ignore[attr-defined]
+        key = node0.js.key(MEMBERSHIP_KEY)
+        raw.set(key, b"HTR1" + b"0" * 32 + b'{"epoch": 9, "lost": [1, 2]}')
+        assert node2.ops.membership() is None
+        node1.state.lost.update(change.lost)
+        assert node1.leads() and not node2.leads()
+        # Workers claim the first failure in the same store, named "file:<path>".
+        assert node2.worker_env["HYDRA_TORCHRUN_JOB_STORE"].startswith("file:")
+    finally:
+        for c in nodes:
+            c.close()

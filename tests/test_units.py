@@ -326,6 +326,31 @@ def test_elastic_cluster_placement() -> None:
     assert mine.min_nodes == 1 and mine.rdzv_configs["last_call_timeout"] == "30"
 
 
+def test_elastic_job_under_submitit_keeps_its_store_in_the_submitit_folder() -> None:
+    """An elastic submitit job's rendezvous and store are files in submitit's folder (its
+    %j resolved, one directory per SLURM requeue); fixed-size jobs, a per-task folder, no
+    submitit, or a master_port the user set keep node 0's TCPStore."""
+    three = {**STEP, "SLURM_STEP_NUM_TASKS": "3", "SUBMITIT_FOLDER": "/shared/sweep/.submitit/%j"}
+    p = resolve_placement(parse_options({"nnodes": "2:3"}), three, 1)
+    assert p.store_dir == "/shared/sweep/.submitit/77/.torchrun_store/job77.r0"
+    assert p.rdzv_endpoint == p.store_dir + "/rendezvous"
+    assert p.rdzv_configs["store_type"] == "file" and "is_host" not in p.rdzv_configs
+    assert p.store_ports == ()
+    requeued = resolve_placement(
+        parse_options({"nnodes": "2:3"}), {**three, "SLURM_RESTART_COUNT": "2"}, 1
+    )
+    assert requeued.store_dir is not None and requeued.store_dir.endswith("job77.r2")
+    for opts, env in (
+        ({}, three),  # fixed size: node 0 hosts, as before
+        ({"nnodes": "2:3"}, {**three, "SUBMITIT_FOLDER": "/shared/%j/%t"}),
+        ({"nnodes": "2:3"}, {**three, "SUBMITIT_FOLDER": ""}),
+        ({"nnodes": "2:3", "master_port": 29400}, three),
+    ):
+        tcp = resolve_placement(parse_options(opts), env, 1)
+        assert tcp.store_dir is None and tcp.rdzv_configs["is_host"] is False, (opts, env)
+        assert tcp.rdzv_endpoint.startswith("node001:")
+
+
 def test_run_ids_differ_per_step_and_hydra_job() -> None:
     """Two srun steps of one allocation, or two Hydra jobs of one srun sweep, never share
     a rendezvous (id or first port)."""
