@@ -24,9 +24,8 @@ import pytest
 
 from conftest import app_env, left_behind, start_app
 
-LOCAL3 = [
+LOCAL = [
     "hydra/launcher=submitit_local",
-    "hydra.launcher.tasks_per_node=3",
     "hydra.launcher.timeout_min=60",
     "hydra.callbacks.torchrun.nproc_per_node=1",
 ]
@@ -42,13 +41,32 @@ def _report() -> Any:
 SWEEPER_PLUGIN = Path(__file__).parent / "sweeper_plugin"
 
 
-def start(tmp_path: Path, tag: str, *overrides: str) -> subprocess.Popen[str]:
+#: Makes one node late: its submitit task's interpreter sleeps before it starts the job.
+LATE_SITECUSTOMIZE = """
+import os, sys, time
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == os.environ.get("HTR_LATE_NODE") and any(
+    "submitit.core._submit" in arg for arg in getattr(sys, "orig_argv", [])
+):
+    time.sleep(float(os.environ["HTR_LATE_S"]))
+"""
+
+
+def start(
+    tmp_path: Path, tag: str, *overrides: str, tasks: int = 3, late: tuple[int, float] = ()
+) -> subprocess.Popen[str]:
     env = app_env(HTR_TEST_TAG=tag)
     # hydra/sweeper=record writes down the JobReturn the sweeper got (sweeper_saw.jsonl).
     env["PYTHONPATH"] = os.pathsep.join([str(SWEEPER_PLUGIN), env["PYTHONPATH"]])
+    if late:
+        site = tmp_path / "late_site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(LATE_SITECUSTOMIZE)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+        env["HTR_LATE_NODE"], env["HTR_LATE_S"] = str(late[0]), str(late[1])
     return start_app(
         tmp_path,
-        *LOCAL3,
+        *LOCAL,
+        f"hydra.launcher.tasks_per_node={tasks}",
         "hydra/sweeper=record",
         f"hydra.sweep.dir={tmp_path / 'multi'}",
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
@@ -240,6 +258,97 @@ def test_node_0_lost_is_a_membership_change(tmp_path: Path) -> None:
     # The store's files live in submitit's folder, private to the user.
     (store_dir,) = (tmp_path / "multi" / ".submitit").glob("*/.torchrun_store/*")
     assert store_dir.stat().st_mode & 0o777 == 0o700
+    assert left_behind(tag) == []
+
+
+def test_a_spare_replaces_a_lost_node(tmp_path: Path) -> None:
+    """4 tasks for nnodes=2:3: three form the group, the fourth waits on torch's
+    redundancy list; when a node of the group is lost, the spare takes its place and the
+    group goes on at full size."""
+    tag = uuid.uuid4().hex
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.max_restarts=2",
+        "hydra.callbacks.torchrun.peer_timeout=10",
+        "+steps=40",
+        "+step_s=0.5",
+        tasks=4,
+    )
+    pids = training(tmp_path, proc, 3)
+    first = {s["node"] for s in starts(tmp_path)}
+    (spare,) = {0, 1, 2, 3} - first
+    victim = max(first)
+    lost_at, lost_wall = time.monotonic(), time.time()
+    lose_node(pids[victim])
+    back = wait_for(
+        lambda: len([s for s in starts(tmp_path) if s["at"] > lost_wall]) >= 3,
+        120,
+        "the group with the spare",
+        proc,
+    )
+    out = finish(proc)
+    RECOVERY["node of 3 lost, a spare replaces it"] = back - lost_at
+    assert proc.returncode == 0, out[-4000:]
+    second = [s for s in starts(tmp_path) if s["at"] > lost_wall]
+    assert sorted(s["node"] for s in second) == sorted(first - {victim} | {spare})
+    assert {s["world"] for s in second} == {3}
+    assert all(s["resumed_at"] >= 2 for s in second)
+    (saw,) = sweeper_saw(tmp_path)
+    assert saw["status"] == "COMPLETED" and "'world': 3" in saw["value"], saw
+    text = logs(tmp_path)
+    assert f"elastic: node {victim} stopped sending heartbeats" in text
+    assert "going on with 3 of 3 nodes (nnodes=2:3" in text
+    summary = json.loads((tmp_path / "multi" / "0" / "torchrun_summary.json").read_text())
+    (change,) = summary["elastic"]["changes"]
+    assert (change["lost"], change["alive"], change["spares"]) == ([victim], 3, 0)
+    assert left_behind(tag) == []
+
+
+def test_an_unneeded_spare_ends_with_the_job(tmp_path: Path) -> None:
+    """3 tasks for nnodes=1:2 and no loss: the spare waits, and when the job ends it ends
+    too, without an error (torch's agent itself fails on a closed rendezvous there)."""
+    tag = uuid.uuid4().hex
+    proc = start(tmp_path, tag, "hydra.callbacks.torchrun.nnodes=1:2", "+steps=4", "+step_s=0.2")
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    first = starts(tmp_path)
+    assert len(first) == 2 and {s["world"] for s in first} == {2}
+    (saw,) = sweeper_saw(tmp_path)
+    assert saw["status"] == "COMPLETED" and "'world': 2" in saw["value"], saw
+    text = logs(tmp_path)
+    assert "waited as a spare and the job ended without needing it" in text
+    records = [json.loads(x) for x in (tmp_path / "recorder.jsonl").read_text().splitlines()]
+    assert sorted(r["status"] for r in records) == ["COMPLETED"] * 3
+    assert left_behind(tag) == []
+
+
+def test_a_late_node_is_admitted_at_the_next_round(tmp_path: Path) -> None:
+    """nnodes=2:3 and node 2 starts 20 s late: the first group trains with nodes 0 and 1;
+    node 2's arrival makes torch's agents re-form the group with all three (scale-up),
+    which costs no restart."""
+    tag = uuid.uuid4().hex
+    proc = start(
+        tmp_path,
+        tag,
+        "hydra.callbacks.torchrun.nnodes=2:3",
+        "hydra.callbacks.torchrun.rdzv_conf='last_call_timeout=3'",
+        "+steps=60",
+        "+step_s=0.5",
+        late=(2, 20.0),
+    )
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    groups = starts(tmp_path)
+    first = [s for s in groups if s["world"] == 2]
+    assert sorted(s["node"] for s in first) == [0, 1]
+    later = [s for s in groups if s["world"] == 3]
+    assert sorted(s["node"] for s in later) == [0, 1, 2]
+    assert all(s["resumed_at"] >= 1 for s in later)
+    (saw,) = sweeper_saw(tmp_path)
+    assert saw["status"] == "COMPLETED" and "'world': 3" in saw["value"], saw
+    assert "elastic: starting without nodes [2]" in logs(tmp_path)
     assert left_behind(tag) == []
 
 

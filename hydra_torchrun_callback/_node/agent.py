@@ -39,7 +39,12 @@ from hydra_torchrun_callback._proc import (
     worker_root,
 )
 from hydra_torchrun_callback._result import TorchrunJobError, root_cause_error
-from hydra_torchrun_callback._wire.store import Signer, load_secret, rendezvous_signer
+from hydra_torchrun_callback._wire.store import (
+    Signer,
+    load_secret,
+    released_spare,
+    rendezvous_signer,
+)
 
 __all__ = ["AgentResult", "launch"]
 
@@ -447,6 +452,12 @@ def launch(
                 except TorchrunJobError:
                     raise
                 except Exception as exc:
+                    if released_spare(placement.run_id):
+                        log.info(
+                            "elastic: this node waited as a spare and the job ended without "
+                            "needing it"
+                        )
+                        return AgentResult({}, placement)
                     if attempt + 1 < attempts and _port_race(exc):
                         port = free_port()
                         log.warning("rendezvous port was taken meanwhile; retrying on %d", port)

@@ -149,7 +149,10 @@ class JobCoordinator:
         ``records``: this node's worker records (an elastic job stops stale workers)."""
         assert placement.cluster is not None
         self.node = placement.node_rank
-        self.nnodes = placement.max_nodes
+        assert placement.cluster is not None
+        #: The job's tasks: every one beats (MAX of them form the group, the rest are spares).
+        self.nnodes = placement.cluster.num_tasks
+        self.max_nodes = placement.max_nodes
         self.min_nodes = placement.min_nodes
         self.max_restarts = max_restarts
         self.peer_timeout = peer_timeout
@@ -500,7 +503,8 @@ class JobCoordinator:
         membership = decide.Membership(
             epoch=len(gone),
             lost=tuple(gone),
-            alive=self.nnodes - len(gone),
+            alive=min(self.nnodes - len(gone), self.max_nodes),
+            spares=max(self.nnodes - len(gone) - self.max_nodes, 0),
             at=time.time(),
             why=str(lost).rsplit(": the job cannot finish", 1)[0],
         )
@@ -508,13 +512,14 @@ class JobCoordinator:
             log.warning("elastic: %s (the job had ended without it)", membership.why)
         else:
             log.warning(
-                "elastic: %s; going on with %d of %d nodes (nnodes=%d:%d, restarts used "
+                "elastic: %s; going on with %d of %d nodes%s (nnodes=%d:%d, restarts used "
                 "so far: %d of max_restarts=%d)",
                 membership.why,
                 membership.alive,
-                self.nnodes,
+                self.max_nodes,
+                _spares(membership.spares, " left"),
                 self.min_nodes,
-                self.nnodes,
+                self.max_nodes,
                 self._restarts_used(),
                 self.max_restarts,
             )
@@ -526,11 +531,12 @@ class JobCoordinator:
     def elastic_status(self, nproc_per_node: int) -> tuple[int, str]:
         """The job's world size now and, for an elastic job, its membership line
         ("elastic: 2 of 3 nodes, attempt 2/3"), for the heartbeat and the summary."""
-        alive = self.nnodes - len(self.state.lost)
+        live = self.nnodes - len(self.state.lost)
+        alive = min(live, self.max_nodes)
         if not self.elastic:
             return alive * nproc_per_node, ""
         return alive * nproc_per_node, (
-            f"elastic: {alive} of {self.nnodes} nodes, "
+            f"elastic: {alive} of {self.max_nodes} nodes{_spares(live - alive)}, "
             f"attempt {self._restarts_used() + 1}/{self.max_restarts + 1}"
         )
 
@@ -549,7 +555,11 @@ class JobCoordinator:
             ]
             lost_s = round(min(resumed) - change["silent_since"], 1) if resumed else None
             changes.append({**change, "lost_s": lost_s})
-        return {"nnodes": f"{self.min_nodes}:{self.nnodes}", "changes": changes}
+        return {
+            "nnodes": f"{self.min_nodes}:{self.max_nodes}",
+            "tasks": self.nnodes,
+            "changes": changes,
+        }
 
     def _reformed(self, gone: int, peer: int, now: float) -> bool:
         """The leader: whether its workers already run in a group without the lost nodes,
@@ -559,7 +569,7 @@ class JobCoordinator:
         last = self.state.progress.get(peer)
         silent_since = time.time() - (now - last.since) if last is not None else time.time()
         return any(
-            int(r.get("group_world_size", 0)) <= self.nnodes - gone
+            int(r.get("group_world_size", 0)) <= min(self.nnodes - gone, self.max_nodes)
             and float(r.get("started", 0.0)) > silent_since
             for r in self._records.live()
         )
@@ -621,6 +631,10 @@ class JobCoordinator:
         self.stop_watchdog()
         self.js.store = None
         self.store = None
+
+
+def _spares(count: int, suffix: str = "") -> str:
+    return f" (+{count} spare{'s' if count > 1 else ''}{suffix})" if count > 0 else ""
 
 
 class StacksRelay:

@@ -356,7 +356,7 @@ def _run_multinode(
     """Run this node's agent; node 0 returns global rank 0's value or the root cause (in
     an elastic job with a shared store, every node that finishes returns it)."""
     from hydra_torchrun_callback._node.agent import launch
-    from hydra_torchrun_callback._node.coordinator import StacksRelay
+    from hydra_torchrun_callback._node.coordinator import ELASTIC_GATHER_S, StacksRelay
 
     coord = _join_job_store(opts, placement, output_dir, report.records)
     placement = coord.placement  # with the port the job's store was found on
@@ -371,7 +371,10 @@ def _run_multinode(
             payload, output_dir = adopted, job_dir
     records = report.records
     if coord.elastic:
-        coord.wait_for_nodes()
+        # As long as torch's first round would wait for more nodes (last_call, 30 s),
+        # unless the user set how long it waits.
+        gather = opts.rdzv_configs.get("last_call_timeout")
+        coord.wait_for_nodes(float(str(gather)) if gather is not None else ELASTIC_GATHER_S)
 
     def states() -> dict[int, str]:
         return {**coord.states_elsewhere(), **records.rank_states()}

@@ -54,9 +54,10 @@ class Membership:
 
     epoch: int
     lost: tuple[int, ...]
-    alive: int
+    alive: int  # nodes in the group that goes on (at most MAX)
     at: float
     why: str
+    spares: int = 0  # live tasks beyond MAX, waiting on torch's redundancy list
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Membership:
             "alive": self.alive,
             "at": self.at,
             "why": self.why,
+            "spares": self.spares,
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class Membership:
             alive=int(data["alive"]),
             at=float(data["at"]),
             why=str(data["why"]),
+            spares=int(data.get("spares", 0)),
         )
 
 

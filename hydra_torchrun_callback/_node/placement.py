@@ -664,37 +664,42 @@ def _cluster_placement(
 ) -> Placement:
     """One node per task: rank = task rank, master = first host, id and port from the job."""
     _refuse_contradicting_environment(opts, task)
-    if opts.max_nodes is not None and opts.max_nodes != task.num_tasks:
+    if opts.max_nodes is not None and opts.max_nodes > task.num_tasks:
         raise TorchrunOptionError(
             "nnodes",
             f"{opts.min_nodes}:{opts.max_nodes}",
-            f"this job has {task.num_tasks} tasks (one torchrun node each)",
+            f"this job has {task.num_tasks} tasks (one torchrun node each), fewer than MAX",
             str(task.num_tasks),
             fix="leave nnodes unset under SLURM/submitit, or ask the launcher for that many "
-            "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node)",
+            "tasks (hydra.launcher.nodes x hydra.launcher.tasks_per_node); tasks beyond "
+            "MAX wait as spares",
         )
-    min_nodes = task.num_tasks if opts.min_nodes is None else opts.min_nodes
-    if not 1 <= min_nodes <= task.num_tasks:
+    # Tasks beyond MAX are spares: torch's rendezvous keeps them on its redundancy list
+    # and admits one when a node of the group is lost.
+    max_nodes = task.num_tasks if opts.max_nodes is None else opts.max_nodes
+    min_nodes = max_nodes if opts.min_nodes is None else opts.min_nodes
+    if not 1 <= min_nodes <= max_nodes:
         raise TorchrunOptionError(
             "nnodes",
             f"{opts.min_nodes}:{opts.max_nodes}",
-            f"MIN must be between 1 and the job's {task.num_tasks} tasks",
-            f"1:{task.num_tasks}",
+            f"MIN must be between 1 and MAX={max_nodes}",
+            f"1:{max_nodes}",
         )
+    elastic = min_nodes < task.num_tasks  # a lost node can be a membership change
     run_id = opts.rdzv_id or task.run_key(job_num)
     ports = job_store_ports(opts.master_port, run_id)
     host = opts.master_addr or task.master_addr
     configs: dict[str, object] = dict(opts.rdzv_configs)
     # Node 0's Hydra process hosts the job's store itself; every agent joins it as a client.
     configs["is_host"] = False
-    if min_nodes < task.num_tasks:
+    if elastic:
         # Elastic: survivors re-form the group once a lost node's rendezvous keep-alive
         # has expired (2 s x 3 here, 5 s x 3 in torch) and after last_call (30 s in
         # torch): recovery in about 15 s instead of 50 s. What the user set wins.
         for key, value in ELASTIC_RDZV_DEFAULTS.items():
             configs.setdefault(key, value)
     store_dir = None
-    if min_nodes < task.num_tasks and opts.master_addr is None and opts.master_port is None:
+    if elastic and opts.master_addr is None and opts.master_port is None:
         store_dir = shared_store_dir(env or {}, task, run_id)
     if store_dir is not None:
         # No node hosts anything: torch's c10d rendezvous on a FileStore (store_type=file)
@@ -703,7 +708,7 @@ def _cluster_placement(
         configs["store_type"] = "file"
     return Placement(
         min_nodes=min_nodes,
-        max_nodes=task.num_tasks,
+        max_nodes=max_nodes,
         node_rank=task.task_rank,
         nproc_per_node=nproc_per_node,
         rdzv_backend="c10d",

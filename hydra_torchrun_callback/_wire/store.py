@@ -61,6 +61,7 @@ __all__ = [
     "load_secret",
     "open_shared_job_store",
     "private_dir",
+    "released_spare",
 ]
 
 
@@ -546,7 +547,47 @@ def _create_handler(params: Any) -> Any:
     if signer is None:
         raise RuntimeError(f"no signer for rendezvous {params.run_id!r} (internal error)")
     backend, store = create_backend(params)
-    return create_handler(store, SignedRendezvousBackend(backend, signer), params)  # type: ignore[arg-type]  # duck-typed
+    handler = create_handler(store, SignedRendezvousBackend(backend, signer), params)  # type: ignore[arg-type]  # duck-typed
+    return SpareAwareHandler(handler, params.run_id)
+
+
+#: Rendezvous ids whose node was a spare when the rendezvous closed (see SpareAwareHandler).
+_released: set[str] = set()
+
+
+def released_spare(run_id: str) -> bool:
+    """Whether this process's node waited as a spare until rendezvous ``run_id`` closed
+    (the job ended without needing it); cleared by asking."""
+    with _signers_lock:
+        found = run_id in _released
+        _released.discard(run_id)
+    return found
+
+
+class SpareAwareHandler:
+    """torch's rendezvous handler, noting when a spare is released.
+
+    A node beyond MAX waits on torch's redundancy list; when the job ends the rendezvous
+    closes and torch's agent returns None from ``run()``, which ``launch_agent`` then
+    fails on (``'NoneType' object has no attribute 'is_failed'``). The launch asks
+    :func:`released_spare` to tell that from a real failure. Everything else is torch's."""
+
+    def __init__(self, inner: Any, run_id: str) -> None:
+        self._inner = inner
+        self._run_id = run_id
+
+    def next_rendezvous(self) -> Any:
+        from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
+
+        try:
+            return self._inner.next_rendezvous()
+        except RendezvousGracefulExitError:
+            with _signers_lock:
+                _released.add(self._run_id)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class SignedRendezvousBackend:
