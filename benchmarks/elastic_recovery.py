@@ -5,7 +5,7 @@ A 3-node job (``hydra/launcher=submitit_local``, 3 tasks, 1 gloo worker per node
 once it trains, one node's whole task (Hydra process, warm server, agent, worker) is
 SIGKILLed. Per case, the median / min / max over ``--reps`` runs of:
 
-- **re-formed**: the loss -> the first worker of the smaller group started (its own
+- **re-formed**: the loss -> the first worker of the re-formed group started (its own
   wall-clock stamp in ``starts.jsonl``);
 - **job end**: the loss -> the multirun command exited (and its exit status).
 
@@ -16,7 +16,10 @@ Cases (default options unless named):
 - ``idle``: the same, the survivors idle in no collective (the job's heartbeats notice
   the loss after ``peer_timeout``, and the survivors stop their workers);
 - ``fixed``: nnodes unset (3:3), the control: the job fails fast;
-- ``below-min``: nnodes=2:3, nodes 1 and 2 lost: the job fails, naming both.
+- ``below-min``: nnodes=2:3, nodes 1 and 2 lost: the job fails, naming both;
+- ``node0``: as ``collective``, node 0 lost (the store and rendezvous are files in
+  submitit's folder: node 1 leads the rest of the job);
+- ``spare``: 4 tasks for nnodes=2:3, a node of the group lost: the spare takes its place.
 
 Run: ``python benchmarks/elastic_recovery.py --reps 3 [--cases collective,idle] [--out F]``.
 The README's figures: ``--reps 2`` on the 2-core CI machine (torch 2.13).
@@ -43,17 +46,19 @@ APPS = REPO / "tests" / "apps"
 
 COMMON = [
     "hydra/launcher=submitit_local",
-    "hydra.launcher.tasks_per_node=3",
     "hydra.launcher.timeout_min=30",
     "hydra/callbacks=torchrun",
     "hydra.callbacks.torchrun.nproc_per_node=1",
 ]
 ELASTIC = ["hydra.callbacks.torchrun.nnodes=2:3", "hydra.callbacks.torchrun.max_restarts=2"]
-CASES: dict[str, tuple[list[str], list[int]]] = {
-    "collective": ([*ELASTIC, "+steps=60"], [2]),
-    "idle": ([*ELASTIC, "+steps=60", "+hold_s=600"], [2]),
-    "fixed": (["+steps=400"], [2]),
-    "below-min": ([*ELASTIC, "+steps=400"], [1, 2]),
+#: name -> (overrides, nodes lost (-1: the highest node of the first group), tasks)
+CASES: dict[str, tuple[list[str], list[int], int]] = {
+    "collective": ([*ELASTIC, "+steps=60"], [2], 3),
+    "idle": ([*ELASTIC, "+steps=60", "+hold_s=600"], [2], 3),
+    "fixed": (["+steps=400"], [2], 3),
+    "below-min": ([*ELASTIC, "+steps=400"], [1, 2], 3),
+    "node0": ([*ELASTIC, "+steps=60"], [0], 3),
+    "spare": ([*ELASTIC, "+steps=60"], [-1], 4),
 }
 
 
@@ -89,7 +94,7 @@ def _lose(hydra_pid: int) -> None:
 
 
 def run_case(name: str, workdir: Path) -> dict[str, Any]:
-    overrides, victims = CASES[name]
+    overrides, victims, tasks = CASES[name]
     multi = workdir / "multi"
     job_dir = multi / "0"
     proc = subprocess.Popen(
@@ -98,6 +103,7 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
             str(APPS / "elastic_app.py"),
             "-m",
             *COMMON,
+            f"hydra.launcher.tasks_per_node={tasks}",
             *overrides,
             f"hydra.sweep.dir={multi}",
         ],
@@ -116,15 +122,15 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
         pids = {s["node"]: s["hydra_pid"] for s in _starts(job_dir) if s["restart"] == 0}
         lost_wall, lost = time.time(), time.monotonic()
         for node in victims:
-            _lose(pids[node])
+            _lose(pids[max(pids) if node < 0 else node])
         code = proc.wait(timeout=600)
         ended = time.monotonic() - lost
     finally:
         if proc.poll() is None:
             proc.kill()
-    smaller = [s["at"] for s in _starts(job_dir) if s["world"] < 3]
+    again = [s["at"] for s in _starts(job_dir) if s["at"] > lost_wall]
     return {
-        "reformed": min(smaller) - lost_wall if smaller else None,
+        "reformed": min(again) - lost_wall if again else None,
         "ended": ended,
         "exit": code,
     }

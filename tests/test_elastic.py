@@ -52,8 +52,15 @@ if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == os.environ.get("HTR_LATE_NODE") 
 
 
 def start(
-    tmp_path: Path, tag: str, *overrides: str, tasks: int = 3, late: tuple[int, float] = ()
+    tmp_path: Path,
+    tag: str,
+    *overrides: str,
+    tasks: int = 3,
+    late: tuple[int, float] = (),
+    record: bool = True,
 ) -> subprocess.Popen[str]:
+    """``record``: hydra/sweeper=record (never fails the command) instead of the basic
+    sweeper (a failed point fails the command)."""
     env = app_env(HTR_TEST_TAG=tag)
     # hydra/sweeper=record writes down the JobReturn the sweeper got (sweeper_saw.jsonl).
     env["PYTHONPATH"] = os.pathsep.join([str(SWEEPER_PLUGIN), env["PYTHONPATH"]])
@@ -67,7 +74,7 @@ def start(
         tmp_path,
         *LOCAL,
         f"hydra.launcher.tasks_per_node={tasks}",
-        "hydra/sweeper=record",
+        *(["hydra/sweeper=record"] if record else []),
         f"hydra.sweep.dir={tmp_path / 'multi'}",
         "+hydra.callbacks.recorder._target_=recorder.Recorder",
         f"+hydra.callbacks.recorder.path={tmp_path / 'recorder.jsonl'}",
@@ -364,6 +371,7 @@ def failed_after_losing(tmp_path: Path, victims: list[int], *overrides: str) -> 
         "+steps=200",
         "+step_s=0.5",
         *overrides,
+        record=False,
     )
     pids = training(tmp_path, proc, 3)
     if "+hold_s=600" in overrides:

@@ -596,6 +596,9 @@ class JobCoordinator:
         is dumped on the way out; SIGKILL 5 s later for one that ignores it)."""
         self._epoch = membership.epoch
         self.state.lost.update(membership.lost)
+        # "Started before the change" on this node's clock (the leader's may be skewed):
+        # this node read the change within a beat of its decision.
+        membership = replace(membership, at=min(membership.at, time.time()))
         stale = self._signal_stale(membership, signal.SIGTERM)
         if stale:
             log.warning(

@@ -5,12 +5,14 @@ re-formed group resumes from that checkpoint, as a real training script does.
 
 Each worker start appends a line to ``starts.jsonl`` in the job's output dir: its node
 (the submitit task), RANK, WORLD_SIZE, GROUP_RANK, TORCHELASTIC_RESTART_COUNT, the step it
-resumed from, and the pid of its node's Hydra process (what a test kills to lose a node).
+resumed from, the pid of its node's Hydra process (what a test kills to lose a node) and
+its host.
 Rank 0 returns what the last group saw.
 """
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def main(cfg: DictConfig) -> dict:
         "restart": int(os.environ["TORCHELASTIC_RESTART_COUNT"]),
         "resumed_at": step,
         "hydra_pid": agent_pid(),
+        "host": socket.gethostname(),
         "at": time.time(),
     }
     with open(out / "starts.jsonl", "a") as f:
