@@ -1,7 +1,7 @@
 """Elastic jobs on a real SLURM cluster (3 nodes) that these tests start and stop: a lost
 node, node 0 included, is a membership change when the allocation and the step run with
 ``--no-kill`` (``+hydra.launcher.additional_parameters.no_kill=true`` and
-``+hydra.launcher.srun_args=[--no-kill,--kill-on-bad-exit=0]``).
+``+hydra.launcher.srun_args=[--no-kill,'--kill-on-bad-exit=0']``).
 
 A node is lost the way a host dies: its task's processes (the Hydra process, warm server,
 agent, worker) are SIGKILLed at once, or SLURM is told the node is DOWN. ``.ci/run`` sets
@@ -37,7 +37,7 @@ SLURM3 = [
 ]
 NO_KILL = [
     "+hydra.launcher.additional_parameters.no_kill=true",
-    "+hydra.launcher.srun_args=[--no-kill,--kill-on-bad-exit=0]",
+    "+hydra.launcher.srun_args=[--no-kill,'--kill-on-bad-exit=0']",
 ]
 ELASTIC = [
     "hydra.callbacks.torchrun.nnodes=2:3",
@@ -107,8 +107,10 @@ def sacct_state(cluster: SlurmSandbox, job: str) -> tuple[str, str]:
             text=True,
             timeout=30,
         ).stdout.strip()
-        if out and not out.startswith(("RUNNING", "PENDING", "COMPLETING")):
-            state, code = out.splitlines()[0].split("|")
+        # A --no-kill job that lost a node has one record per size (RESIZING, then the last).
+        last = out.splitlines()[-1] if out else ""
+        if last and not last.startswith(("RUNNING", "PENDING", "COMPLETING", "RESIZING")):
+            state, code = last.split("|")
             return state, code
         assert time.monotonic() < deadline, f"sacct never showed job {job} ended: {out!r}"
         time.sleep(1)
@@ -120,7 +122,10 @@ def job_id(tmp_path: Path) -> str:
 
 
 def training(tmp_path: Path, proc: Any) -> dict[int, int]:
-    wait_for(lambda: len(starts(tmp_path)) >= 3 and step(tmp_path) >= 2, 180, "training", proc)
+    try:
+        wait_for(lambda: len(starts(tmp_path)) >= 3 and step(tmp_path) >= 2, 180, "training", proc)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; output:\n{finish(proc)[-4000:]}") from None
     return {s["node"]: s["hydra_pid"] for s in starts(tmp_path) if s["restart"] == 0}
 
 
@@ -155,11 +160,11 @@ def test_node_0_lost_on_slurm_with_no_kill(tmp_path: Path, cluster: SlurmSandbox
 
 
 def test_node_set_down_on_slurm_with_no_kill(tmp_path: Path, cluster: SlurmSandbox) -> None:
-    """`scontrol update nodename=... state=down` on the node of task 2, its processes gone
-    with it: the job goes on with the other two nodes and completes."""
+    """`scontrol update nodename=... state=down` on the node of task 2 (SLURM kills the
+    step's task there): the job goes on with the other two nodes and completes."""
     tag = uuid.uuid4().hex
     proc = start(tmp_path, cluster, tag, *ELASTIC, *NO_KILL)
-    pids = training(tmp_path, proc)
+    training(tmp_path, proc)
     env = app_env(**cluster.env())
     lost_wall = time.time()
     down = subprocess.run(
@@ -170,7 +175,6 @@ def test_node_set_down_on_slurm_with_no_kill(tmp_path: Path, cluster: SlurmSandb
         timeout=30,
     )
     assert down.returncode == 0, down.stderr
-    lose_node(pids[2])
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     second = [s for s in starts(tmp_path) if s["at"] > lost_wall]
@@ -183,13 +187,19 @@ def test_node_set_down_on_slurm_with_no_kill(tmp_path: Path, cluster: SlurmSandb
     assert left_behind(tag) == []
 
 
-def test_node_set_down_without_no_kill_ends_the_job(tmp_path: Path, cluster: SlurmSandbox) -> None:
-    """The control: without --no-kill SLURM revokes the allocation when a node goes DOWN,
-    so the job ends however elastic it is; the point fails with SLURM's state."""
+def test_node_set_down_without_no_kill_requeues_the_job(
+    tmp_path: Path, cluster: SlurmSandbox
+) -> None:
+    """The control: without --no-kill a node that goes DOWN ends the step, and SLURM
+    requeues the batch job (JobRequeue=1, its default; ``--no-requeue`` would leave it
+    NODE_FAIL). The job starts again from the beginning under the same id, on a fresh
+    rendezvous (one store directory per SLURM_RESTART_COUNT), and the task resumes from
+    its checkpoint."""
     tag = uuid.uuid4().hex
     proc = start(tmp_path, cluster, tag, *ELASTIC)
     training(tmp_path, proc)
     env = app_env(**cluster.env())
+    lost_wall = time.time()
     down = subprocess.run(
         ["scontrol", "update", f"nodename={host_of(tmp_path, 2)}", "state=down", "reason=t"],
         env=env,
@@ -198,10 +208,15 @@ def test_node_set_down_without_no_kill_ends_the_job(tmp_path: Path, cluster: Slu
         timeout=30,
     )
     assert down.returncode == 0, down.stderr
-    finish(proc)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    again = [s for s in starts(tmp_path) if s["at"] > lost_wall]
+    # A new run of the whole job: every node's agent starts afresh (restart count 0).
+    assert sorted(s["node"] for s in again) == [0, 1, 2]
+    assert {s["restart"] for s in again} == {0}
+    assert all(s["resumed_at"] >= 2 for s in again)
     (saw,) = sweeper_saw(tmp_path)
-    assert saw["status"] == "FAILED", saw
-    state, _ = sacct_state(cluster, job_id(tmp_path))
-    print(f"\nsacct after task 2's node went DOWN without --no-kill: {state}")
-    assert state == "NODE_FAIL", state
+    assert saw["status"] == "COMPLETED", saw
+    stores = sorted(p.name for p in (tmp_path / "multi" / ".submitit").glob("*/.torchrun_store/*"))
+    assert [name.rsplit(".", 1)[1] for name in stores] == ["r0", "r1"], stores
     assert left_behind(tag) == []

@@ -27,6 +27,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,14 +281,18 @@ class SweepRun:
     def _collect(self, item: _Started) -> Any:
         """The point's JobReturn; a job that ended without one is a FAILED point."""
         if item.fresh:
-            try:
-                return item.job.results()[0]
-            except Exception as exc:  # UncompletedJobError, FailedJobError, ...
-                # An elastic job that went on without a lost task: the first COMPLETED
-                # JobReturn, task 0's (node 0's) unless task 0 was the one lost (every
-                # node of an elastic job with a shared store returns rank 0's value).
-                value = _survivor_result(item.job)
-                return value if value is not None else self._lost(item, exc)
+            while True:
+                try:
+                    return item.job.results()[0]
+                except Exception as exc:  # UncompletedJobError, FailedJobError, ...
+                    # An elastic job that went on without a lost task: the first COMPLETED
+                    # JobReturn, task 0's (node 0's) unless task 0 was the one lost (every
+                    # node of an elastic job with a shared store returns rank 0's value).
+                    value = _survivor_result(item.job)
+                    if value is not None:
+                        return value
+                    if not self._wait_if_requeued(item):
+                        return self._lost(item, exc)
         try:
             item.job.wait()
         except Exception as exc:
@@ -296,6 +301,29 @@ class SweepRun:
         if restored is not None:
             return restored
         return self._ended_without_value(item)
+
+    def _wait_if_requeued(self, item: _Started, poll_s: float = 5.0) -> bool:
+        """A SLURM job that ended without a result but that SLURM still lists was requeued
+        (a node failed, ``JobRequeue``): submitit took its NODE_FAIL as the end. Wait
+        until SLURM is done with it; True if it was requeued (its next run's result is
+        then read as any other)."""
+        if self.kind != "slurm":
+            return False
+        job_id = str(getattr(item.job, "job_id", ""))
+        try:
+            if not scheduler.live_jobs([job_id]):
+                return False
+            log.warning(
+                "point #%d: SLURM requeued its job %s (a node failed): waiting for its next run",
+                item.step.num,
+                job_id,
+            )
+            while scheduler.live_jobs([job_id]):
+                time.sleep(poll_s)
+        except Exception as exc:  # squeue cannot say: the point is lost as it looks
+            log.warning("point #%d: cannot ask SLURM about job %s: %s", item.step.num, job_id, exc)
+            return False
+        return True
 
     def _ended_without_value(self, item: _Started) -> Any:
         """An attached job that ended: its own record says how, else it was lost."""
