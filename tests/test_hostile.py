@@ -562,7 +562,9 @@ def test_an_elastic_jobs_shared_store_is_private_and_signed(tmp_path: Path) -> N
         raw.set(key, b"HTR1" + b"0" * 32 + b'{"epoch": 9, "lost": [1, 2]}')
         assert node2.ops.membership() is None
         node1.state.lost.update(change.lost)
+        node0.state.lost.update(change.lost)
         assert node1.leads() and not node2.leads()
+        assert not node0.leads()  # declared lost (it was slow): it never leads again
         # Workers claim the first failure in the same store, named "file:<path>".
         assert node2.worker_env["HYDRA_TORCHRUN_JOB_STORE"].startswith("file:")
     finally:

@@ -340,6 +340,8 @@ def test_elastic_job_under_submitit_keeps_its_store_in_the_submitit_folder() -> 
         parse_options({"nnodes": "2:3"}), {**three, "SLURM_RESTART_COUNT": "2"}, 1
     )
     assert requeued.store_dir is not None and requeued.store_dir.endswith("job77.r2")
+    named = resolve_placement(parse_options({"nnodes": "2:3", "rdzv_id": "my run"}), three, 1)
+    assert named.store_dir is not None and named.store_dir.endswith("/job77.my_run.r0")
     for opts, env in (
         ({}, three),  # fixed size: node 0 hosts, as before
         ({"nnodes": "2:3"}, {**three, "SUBMITIT_FOLDER": "/shared/%j/%t"}),

@@ -75,6 +75,8 @@ _HEARTBEAT_S = 1.0
 #: last_call default): its short last_call_timeout is for later rounds, not for a node that
 #: starts a few seconds after the others.
 ELASTIC_GATHER_S = 30.0
+#: A gap this long between two of this node's store reads restarts its clock on the peers.
+STALL_S = 5.0
 
 
 def open_job_store(
@@ -208,7 +210,8 @@ class JobCoordinator:
         if not self.shared:
             return self.node == 0
         gone = self.state.lost | set(also_lost)
-        return all(n in gone for n in range(self.node))
+        # A node the others declared lost (it was slow) never leads again.
+        return self.node not in gone and all(n in gone for n in range(self.node))
 
     @property
     def abort_reason(self) -> Optional[TorchrunJobError]:
@@ -331,6 +334,27 @@ class JobCoordinator:
                 return missing
             time.sleep(_END_POLL_S)
 
+    def settle_leader(self, timeout: float) -> bool:
+        """A node of a job with a shared store that does not lead at its end: wait until
+        every live node below it said done (then it does not lead) or fell silent (then it
+        leads, and waits for the end in their place). Whether it leads."""
+        if not self.shared or self.leads():
+            return self.leads()
+        start = time.monotonic()
+        self.state.progress = {
+            n: decide.Progress(p.count, max(p.since, start)) for n, p in self.state.progress.items()
+        }
+        while time.monotonic() < start + timeout:
+            self.state.peers = self.ops.read_beats()
+            below = [n for n in range(self.node) if n not in self.state.lost]
+            if all(self.state.peers.get(n, {}).get("done") for n in below):
+                return False
+            self._lost_at_end(time.monotonic())
+            if self.leads():
+                return True
+            time.sleep(_END_POLL_S)
+        return self.leads()
+
     def _lost_at_end(self, now: float) -> None:
         # running=0: a node that never beat was noticed while the job ran
         lost = self._next_lost(now, 0.0, self.state.lost)
@@ -391,8 +415,16 @@ class JobCoordinator:
         last_beat = 0.0
         started = time.monotonic()
         unreachable_since: Optional[float] = None
+        last_ok = started
         while not self._stop.wait(_POLL_S):
             now = time.monotonic()
+            if now - last_ok > STALL_S:
+                # This node could not look for a while (a stalled shared file system, a
+                # paused process): the peers' silence in that time is not theirs.
+                self.state.progress = {
+                    n: decide.Progress(p.count, max(p.since, now))
+                    for n, p in self.state.progress.items()
+                }
             try:
                 beat_due = now - last_beat >= _HEARTBEAT_S
                 if beat_due:
@@ -403,6 +435,7 @@ class JobCoordinator:
                     self.state.peers = self.ops.read_beats()
                 membership = self.ops.membership() if beat_due and self.elastic else None
                 unreachable_since = None
+                last_ok = time.monotonic()
             except Exception as exc:  # the store (node 0) is gone
                 unreachable_since = unreachable_since or now
                 if decide.store_lost(unreachable_since, now, self.peer_timeout):
@@ -598,7 +631,7 @@ class JobCoordinator:
         self.state.lost.update(membership.lost)
         # "Started before the change" on this node's clock (the leader's may be skewed):
         # this node read the change within a beat of its decision.
-        membership = replace(membership, at=min(membership.at, time.time()))
+        membership = replace(membership, at=time.time())
         stale = self._signal_stale(membership, signal.SIGTERM)
         if stale:
             log.warning(

@@ -128,6 +128,8 @@ class JobReport:
         #: Whether this node writes the summary: node 0, or the node that leads an elastic
         #: job with a shared store at its end (see ``JobCoordinator.leads``).
         self.leads = placement.node_rank == 0
+        #: Where the summary goes: the job's output dir once this node adopted it.
+        self.output_dir: Optional[str] = None
 
     def publish(self, output_dir: str) -> None:
         """Log the table and save the JSON (nothing when no worker started)."""
@@ -296,7 +298,7 @@ def run_node(job: NodeJob, adopt: Callable[[str, str], bool]) -> Optional[bytes]
     finally:
         report.records.harvest_stacks()  # the stacks of ranks the stop interrupted
         if opts.summary and report.leads:
-            report.publish(output_dir)
+            report.publish(report.output_dir or output_dir)
         report.records.close()
     return data
 
@@ -386,7 +388,8 @@ def _run_multinode(
         with contextlib.suppress(Exception):
             coord.ops.put_rows(records.rows(placement.node_rank, socket.gethostname()))
         coord.mark_done(error)
-        report.leads = coord.leads()
+        report.leads = coord.settle_leader(2 * opts.peer_timeout)
+        report.output_dir = output_dir  # the job's, where its summary goes
         if not report.leads:
             return []
         missing = coord.wait_all_done(timeout=wait)
@@ -412,6 +415,10 @@ def _run_multinode(
             # (SLURM's KillWait leaves 30 s by default).
             with contextlib.suppress(Exception):
                 finish(wait=min(opts.peer_timeout, 5.0), error=stop)
+            raise
+        except Exception as exc:  # this node could not run its part: say so, not vanish
+            with contextlib.suppress(Exception):
+                finish(wait=min(opts.peer_timeout, 5.0), error=exc)
             raise
         if data is not None and (coord.shared or not node0):  # node 0 returns its own
             coord.ops.put_result(data)

@@ -647,7 +647,9 @@ def shared_store_dir(env: Mapping[str, str], task: ClusterTask, run_id: str) -> 
         return None
     array_id, _, index = task.job_id.partition("_")
     folder = folder.replace("%j", task.job_id).replace("%A", array_id).replace("%a", index)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    # The job id always: an rdzv_id the user set may repeat across jobs.
+    name = run_id if run_id.startswith(f"job{task.job_id}") else f"job{task.job_id}.{run_id}"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     return os.path.join(folder, STORE_DIR_NAME, f"{safe}.r{env.get('SLURM_RESTART_COUNT', '0')}")
 
 

@@ -71,9 +71,18 @@ class NodeRecords:
         global rank of the slot's last process; and the node's latest attempt. A slot, not
         a rank: an elastic membership change renumbers the ranks (node 1's rank 1 becomes
         rank 0), and a rank's history is its slot's."""
+        records = self.records()
+        last = max((r["attempt"] for r in records), default=0)
+        latest = [r for r in records if r["attempt"] == last]
+        # virtual_local_rank gives every worker LOCAL_RANK=0: key by rank, as before.
+        field = (
+            "local_rank"
+            if len({r.get("local_rank") for r in latest}) == len({r["rank"] for r in latest})
+            else "rank"
+        )
         by_slot: dict[int, list[dict[str, Any]]] = {}
-        for record in self.records():
-            by_slot.setdefault(int(record.get("local_rank", record["rank"])), []).append(record)
+        for record in records:
+            by_slot.setdefault(int(record.get(field, record["rank"])), []).append(record)
         for recs in by_slot.values():
             recs.sort(key=lambda r: (r["attempt"], r["started"]))
         last_attempt = max((recs[-1]["attempt"] for recs in by_slot.values()), default=0)

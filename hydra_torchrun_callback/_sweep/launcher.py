@@ -471,8 +471,9 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _survivor_result(job: Any) -> Any:
-    """The first task's COMPLETED JobReturn of a multi-task job, else None (a failed
-    job's point is lost with the scheduler's state and log, as any other)."""
+    """The JobReturn of the first task of a multi-task job that left one, if the job
+    COMPLETED there, else None (a failed job's point is lost with the scheduler's state
+    and log, as any other). That task led the job's end: the lowest one not lost."""
     from hydra.core.utils import JobStatus
 
     try:
@@ -488,6 +489,5 @@ def _survivor_result(job: Any) -> Any:
             value = sub.result()
         except Exception:
             continue
-        if getattr(value, "status", None) == JobStatus.COMPLETED:
-            return value
+        return value if getattr(value, "status", None) == JobStatus.COMPLETED else None
     return None

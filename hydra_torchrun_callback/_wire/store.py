@@ -575,16 +575,25 @@ class SpareAwareHandler:
     def __init__(self, inner: Any, run_id: str) -> None:
         self._inner = inner
         self._run_id = run_id
+        self._joined = False
 
     def next_rendezvous(self) -> Any:
-        from torch.distributed.elastic.rendezvous import RendezvousGracefulExitError
+        from torch.distributed.elastic.rendezvous import (
+            RendezvousClosedError,
+            RendezvousGracefulExitError,
+        )
 
         try:
-            return self._inner.next_rendezvous()
-        except RendezvousGracefulExitError:
-            with _signers_lock:
-                _released.add(self._run_id)
+            info = self._inner.next_rendezvous()
+        except (RendezvousGracefulExitError, RendezvousClosedError) as exc:
+            # A spare (or a late node still waiting) when the job ended; a node that was
+            # in a group and finds the rendezvous closed failed with the job.
+            if isinstance(exc, RendezvousGracefulExitError) or not self._joined:
+                with _signers_lock:
+                    _released.add(self._run_id)
             raise
+        self._joined = True
+        return info
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
