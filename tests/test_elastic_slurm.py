@@ -129,6 +129,18 @@ def training(tmp_path: Path, proc: Any) -> dict[int, int]:
     return {s["node"]: s["hydra_pid"] for s in starts(tmp_path) if s["restart"] == 0}
 
 
+def set_down(cluster: SlurmSandbox, host: str) -> None:
+    """What an admin does to a failing node: ``scontrol update nodename=... state=down``."""
+    down = subprocess.run(
+        ["scontrol", "update", f"nodename={host}", "state=down", "reason=t"],
+        env=app_env(**cluster.env()),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 0, down.stderr
+
+
 def host_of(tmp_path: Path, node: int) -> str:
     return str(next(s["host"] for s in starts(tmp_path) if s["node"] == node))
 
@@ -165,16 +177,8 @@ def test_node_set_down_on_slurm_with_no_kill(tmp_path: Path, cluster: SlurmSandb
     tag = uuid.uuid4().hex
     proc = start(tmp_path, cluster, tag, *ELASTIC, *NO_KILL)
     training(tmp_path, proc)
-    env = app_env(**cluster.env())
     lost_wall = time.time()
-    down = subprocess.run(
-        ["scontrol", "update", f"nodename={host_of(tmp_path, 2)}", "state=down", "reason=t"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert down.returncode == 0, down.stderr
+    set_down(cluster, host_of(tmp_path, 2))
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     second = [s for s in starts(tmp_path) if s["at"] > lost_wall]
@@ -198,16 +202,8 @@ def test_node_set_down_without_no_kill_requeues_the_job(
     tag = uuid.uuid4().hex
     proc = start(tmp_path, cluster, tag, *ELASTIC)
     training(tmp_path, proc)
-    env = app_env(**cluster.env())
     lost_wall = time.time()
-    down = subprocess.run(
-        ["scontrol", "update", f"nodename={host_of(tmp_path, 2)}", "state=down", "reason=t"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert down.returncode == 0, down.stderr
+    set_down(cluster, host_of(tmp_path, 2))
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     again = [s for s in starts(tmp_path) if s["at"] > lost_wall]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hydra_torchrun_callback._options import Options, TorchrunOptionError
+from hydra_torchrun_callback._wire.protocol import STORE_DIR_NAME
 
 __all__ = [
     "HostShare",
@@ -651,10 +652,6 @@ def shared_store_dir(env: Mapping[str, str], task: ClusterTask, run_id: str) -> 
     name = run_id if run_id.startswith(f"job{task.job_id}") else f"job{task.job_id}.{run_id}"
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     return os.path.join(folder, STORE_DIR_NAME, f"{safe}.r{env.get('SLURM_RESTART_COUNT', '0')}")
-
-
-#: The directory, in submitit's folder, that holds elastic jobs' store files.
-STORE_DIR_NAME = ".torchrun_store"
 
 
 def _cluster_placement(

@@ -32,6 +32,7 @@ __all__ = [
     "CONTROLLER_FILE",
     "CONTROLLER_JOB_ENV",
     "CONTROLLER_LOG",
+    "CREATOR_KEY",
     "DUMP_SIGNALS",
     "DUMP_WAIT_S",
     "FAILURE_GRACE_ENV",
@@ -56,6 +57,7 @@ __all__ = [
     "STACKS_DIR",
     "STACKS_SIGNAL",
     "STOP_SIGNALS",
+    "STORE_DIR_NAME",
     "SUMMARY_FILE",
     "SWEEP_FILE",
     "SWEEP_ROLE_ENV",
@@ -137,6 +139,11 @@ class PipeMessage(str, enum.Enum):
 # -- the job store ------------------------------------------------------------------------
 #: Node 0's signed ``hello`` under the job's prefix: proves a store belongs to the job.
 HELLO_KEY = "hello"
+#: The directory, in submitit's folder (shared by a job's nodes), that holds elastic jobs'
+#: store and rendezvous files (``<rdzv id>.r<requeue>/job`` and ``/rendezvous``).
+STORE_DIR_NAME = ".torchrun_store"
+#: An elastic job's shared store: the counter whose first ``add`` makes a node its creator.
+CREATOR_KEY = "creator"
 #: The job's failure slot: the root cause wins it (an encoded error).
 FAILURE_KEY = "failure"
 #: Claimed (compare-set) by the first worker that raised, before its exception

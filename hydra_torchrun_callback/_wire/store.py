@@ -46,6 +46,7 @@ from typing import Any, Optional
 
 from hydra_torchrun_callback._log import log
 from hydra_torchrun_callback._wire.protocol import (
+    CREATOR_KEY,
     HELLO_KEY,
     SECRET_FILE_ENV,
     chunk_key,
@@ -348,6 +349,21 @@ def hello_signer(secret: bytes, run_id: str) -> Signer:
     return Signer(secret, hello_session(run_id))
 
 
+def _create_job_store(
+    store: Any, secret: bytes, run_id: str, prefix: str, initial: Optional[Mapping[str, bytes]]
+) -> JobStore:
+    """The node that creates the job's key space: a fresh session nonce, the ``initial``
+    keys, then the hello (a node that saw hello finds them all)."""
+    nonce = secrets.token_hex(16)
+    job_store = JobStore(store, prefix, Signer(secret, f"{run_id}/{nonce}"))
+    for name, value in (initial or {}).items():
+        job_store.set(name, value)
+    key = prefix + HELLO_KEY
+    payload = json.dumps({"run_id": run_id, "nonce": nonce}).encode()
+    store.set(key, hello_signer(secret, run_id).seal(key, payload))
+    return job_store
+
+
 def host_job_store(
     host: str,
     ports: Sequence[int],
@@ -369,15 +385,7 @@ def host_job_store(
             last = exc
             log.warning("rendezvous port %d is taken by another process; trying the next", port)
             continue
-        nonce = secrets.token_hex(16)
-        job_store = JobStore(store, prefix, Signer(secret, f"{run_id}/{nonce}"))
-        for name, value in (initial or {}).items():
-            job_store.set(name, value)
-        hello = hello_signer(secret, run_id)
-        key = prefix + HELLO_KEY
-        payload = json.dumps({"run_id": run_id, "nonce": nonce}).encode()
-        store.set(key, hello.seal(key, payload))
-        return job_store, port
+        return _create_job_store(store, secret, run_id, prefix, initial), port
     raise OSError(
         errno.EADDRINUSE, f"every candidate port {list(ports)} is taken ({last})"
     ) from last
@@ -486,14 +494,8 @@ def open_shared_job_store(
     store.set_timeout(timedelta(seconds=30))
     key = prefix + HELLO_KEY
     hello = hello_signer(secret, run_id)
-    if store.add(prefix + "creator", 1) == 1:
-        nonce = secrets.token_hex(16)
-        job_store = JobStore(store, prefix, Signer(secret, f"{run_id}/{nonce}"))
-        for name, value in (initial or {}).items():
-            job_store.set(name, value)
-        payload = json.dumps({"run_id": run_id, "nonce": nonce}).encode()
-        store.set(key, hello.seal(key, payload))
-        return job_store, True
+    if store.add(prefix + CREATOR_KEY, 1) == 1:
+        return _create_job_store(store, secret, run_id, prefix, initial), True
     deadline = time.monotonic() + timeout
     while True:
         if store.check([key]):
